@@ -1,0 +1,261 @@
+"""The topic convention: every MQTT topic forgeline uses is built and parsed here, and only here.
+
+Namespace (version in the root, tenant as the third level so broker ACLs can isolate tenants
+with one pattern such as ``fl/v1/%u/telemetry/#``)::
+
+    fl/v1/{tenant}/status/{site}/{area}/{device}              retained birth/last-will (JSON)
+    fl/v1/{tenant}/telemetry/{site}/{area}/{device}           batched samples (binary, see telemetry.py)
+    fl/v1/{tenant}/event/{site}/{area}/{device}               device events (JSON)
+    fl/v1/{tenant}/cmd/{site}/{area}/{device}/{command}       command request to an agent (JSON)
+    fl/v1/{tenant}/cmdres/{site}/{area}/{device}/{command}    command response from the agent (JSON)
+    fl/v1/{tenant}/twin/{site}/{area}/{device}                twin state per device (retained, JSON)
+    fl/v1/{tenant}/fleet                                      fleet summary per tenant (retained, JSON)
+    fl/v1/{tenant}/anomaly/{site}/{area}/{device}             anomaly events (JSON)
+    fl/v1/{tenant}/api/request/{method}                       twin query API request (JSON)
+    fl/v1/{tenant}/api/response/{client_id}                   twin query API response (JSON)
+    fl/v1/{tenant}/feedback/{model}/{revision}                user/customer feedback (JSON)
+    fl/v1/{tenant}/insights/{model}                           iteration insights per model (retained, JSON)
+    fl/v1/_platform/routing/request                           order routing request (JSON)
+    fl/v1/_platform/routing/response/{client_id}              order routing response (JSON)
+    fl/v1/_sys/deadletter/{tenant}                            rejected input with the reason (JSON)
+
+The tenant is the partner factory or plant that owns a device. Identifiers are 1-64 characters of
+``[A-Za-z0-9_.-]``; a tenant may not start with ``_``, which marks the system roots.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from enum import Enum
+
+ROOT = "fl"
+VERSION = "v1"
+PREFIX = f"{ROOT}/{VERSION}"
+
+PLATFORM = "_platform"
+SYSTEM = "_sys"
+
+_IDENT = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+
+
+class TopicError(ValueError):
+    """A topic or an identifier that does not follow the convention."""
+
+
+def check_ident(value: str, what: str = "identifier") -> str:
+    """Return ``value`` if it is a valid topic level identifier, else raise :class:`TopicError`."""
+    if not isinstance(value, str) or not _IDENT.match(value):
+        raise TopicError(f"invalid {what} {value!r}: use 1-64 characters of A-Z a-z 0-9 _ . -")
+    return value
+
+
+def check_tenant(tenant: str) -> str:
+    check_ident(tenant, "tenant")
+    if tenant.startswith("_"):
+        raise TopicError(f"invalid tenant {tenant!r}: names starting with '_' are reserved")
+    return tenant
+
+
+class Kind(str, Enum):
+    """The kinds of device-scoped topic (the level after the tenant)."""
+
+    STATUS = "status"
+    TELEMETRY = "telemetry"
+    EVENT = "event"
+    CMD = "cmd"
+    CMDRES = "cmdres"
+    TWIN = "twin"
+    ANOMALY = "anomaly"
+
+
+DEVICE_KINDS = {k.value for k in Kind}
+COMMAND_KINDS = {Kind.CMD.value, Kind.CMDRES.value}
+
+
+@dataclass(frozen=True, order=True)
+class DeviceRef:
+    """The full identity of one device: tenant / site / area (line or cell) / device."""
+
+    tenant: str
+    site: str
+    area: str
+    device: str
+
+    def __post_init__(self) -> None:
+        check_tenant(self.tenant)
+        check_ident(self.site, "site")
+        check_ident(self.area, "area")
+        check_ident(self.device, "device")
+
+    @property
+    def key(self) -> str:
+        """A stable string key, unique across tenants: ``tenant/site/area/device``."""
+        return f"{self.tenant}/{self.site}/{self.area}/{self.device}"
+
+    @classmethod
+    def from_key(cls, key: str) -> DeviceRef:
+        parts = key.split("/")
+        if len(parts) != 4:
+            raise TopicError(f"invalid device key {key!r}: expected tenant/site/area/device")
+        return cls(*parts)
+
+    def topic(self, kind: Kind | str, command: str | None = None) -> str:
+        """The topic of this device for ``kind`` (``command`` is required for cmd/cmdres)."""
+        kind = Kind(kind)
+        base = f"{PREFIX}/{self.tenant}/{kind.value}/{self.site}/{self.area}/{self.device}"
+        if kind.value in COMMAND_KINDS:
+            if command is None:
+                raise TopicError(f"a {kind.value} topic needs a command name")
+            return f"{base}/{check_ident(command, 'command')}"
+        if command is not None:
+            raise TopicError(f"a {kind.value} topic takes no command name")
+        return base
+
+    # Convenience accessors, named after what they are for.
+    @property
+    def status_topic(self) -> str:
+        return self.topic(Kind.STATUS)
+
+    @property
+    def telemetry_topic(self) -> str:
+        return self.topic(Kind.TELEMETRY)
+
+    @property
+    def event_topic(self) -> str:
+        return self.topic(Kind.EVENT)
+
+    @property
+    def twin_topic(self) -> str:
+        return self.topic(Kind.TWIN)
+
+    @property
+    def anomaly_topic(self) -> str:
+        return self.topic(Kind.ANOMALY)
+
+    def command_topic(self, command: str) -> str:
+        return self.topic(Kind.CMD, command)
+
+    def command_response_topic(self, command: str) -> str:
+        return self.topic(Kind.CMDRES, command)
+
+
+@dataclass(frozen=True)
+class ParsedTopic:
+    """The result of :func:`parse`: what a topic is and whom it belongs to."""
+
+    kind: str  # a Kind value, or fleet / api_request / api_response / feedback / insights / routing_*
+    tenant: str | None
+    device: DeviceRef | None = None
+    command: str | None = None
+    method: str | None = None
+    client_id: str | None = None
+    model: str | None = None
+    revision: str | None = None
+
+
+def parse(topic: str) -> ParsedTopic:
+    """Parse any forgeline topic; raise :class:`TopicError` for anything else."""
+    parts = topic.split("/")
+    if len(parts) < 4 or parts[0] != ROOT or parts[1] != VERSION:
+        raise TopicError(f"not a {PREFIX} topic: {topic!r}")
+    tenant, kind, rest = parts[2], parts[3], parts[4:]
+    if tenant == PLATFORM:
+        if kind == "routing" and rest == ["request"]:
+            return ParsedTopic("routing_request", None)
+        if kind == "routing" and len(rest) == 2 and rest[0] == "response":
+            return ParsedTopic("routing_response", None, client_id=check_ident(rest[1], "client id"))
+        raise TopicError(f"unknown platform topic {topic!r}")
+    if tenant == SYSTEM:
+        if kind == "deadletter" and len(rest) == 1:
+            return ParsedTopic("deadletter", rest[0])
+        raise TopicError(f"unknown system topic {topic!r}")
+    check_tenant(tenant)
+    if kind in DEVICE_KINDS:
+        want = 4 if kind in COMMAND_KINDS else 3
+        if len(rest) != want:
+            raise TopicError(f"a {kind} topic has {want} levels after the kind: {topic!r}")
+        device = DeviceRef(tenant, rest[0], rest[1], rest[2])
+        command = check_ident(rest[3], "command") if kind in COMMAND_KINDS else None
+        return ParsedTopic(kind, tenant, device=device, command=command)
+    if kind == "fleet" and not rest:
+        return ParsedTopic("fleet", tenant)
+    if kind == "api" and len(rest) == 2 and rest[0] == "request":
+        return ParsedTopic("api_request", tenant, method=check_ident(rest[1], "method"))
+    if kind == "api" and len(rest) == 2 and rest[0] == "response":
+        return ParsedTopic("api_response", tenant, client_id=check_ident(rest[1], "client id"))
+    if kind == "feedback" and len(rest) == 2:
+        return ParsedTopic(
+            "feedback", tenant, model=check_ident(rest[0], "model"), revision=check_ident(rest[1], "revision")
+        )
+    if kind == "insights" and len(rest) == 1:
+        return ParsedTopic("insights", tenant, model=check_ident(rest[0], "model"))
+    raise TopicError(f"unknown topic {topic!r}")
+
+
+# --- builders for the topics that are not device-scoped -------------------------------------------
+
+
+def fleet_topic(tenant: str) -> str:
+    return f"{PREFIX}/{check_tenant(tenant)}/fleet"
+
+
+def api_request_topic(tenant: str, method: str) -> str:
+    return f"{PREFIX}/{check_tenant(tenant)}/api/request/{check_ident(method, 'method')}"
+
+
+def api_response_topic(tenant: str, client_id: str) -> str:
+    return f"{PREFIX}/{check_tenant(tenant)}/api/response/{check_ident(client_id, 'client id')}"
+
+
+def feedback_topic(tenant: str, model: str, revision: str) -> str:
+    return f"{PREFIX}/{check_tenant(tenant)}/feedback/{check_ident(model, 'model')}/{check_ident(revision, 'revision')}"
+
+
+def insights_topic(tenant: str, model: str) -> str:
+    return f"{PREFIX}/{check_tenant(tenant)}/insights/{check_ident(model, 'model')}"
+
+
+def routing_request_topic() -> str:
+    return f"{PREFIX}/{PLATFORM}/routing/request"
+
+
+def routing_response_topic(client_id: str) -> str:
+    return f"{PREFIX}/{PLATFORM}/routing/response/{check_ident(client_id, 'client id')}"
+
+
+def deadletter_topic(tenant: str | None) -> str:
+    # A dead letter whose tenant cannot be read from the topic goes to the '_unknown' bucket.
+    return f"{PREFIX}/{SYSTEM}/deadletter/{tenant if tenant and _IDENT.match(tenant) else '_unknown'}"
+
+
+# --- subscription filters ---------------------------------------------------------------------------
+
+
+def device_filter(kind: Kind | str, tenant: str = "+") -> str:
+    """A filter for every device topic of ``kind`` (in one tenant, or in all with ``+``)."""
+    kind = Kind(kind)
+    tail = "+/+/+/+" if kind.value in COMMAND_KINDS else "+/+/+"
+    if tenant != "+":
+        check_tenant(tenant)
+    return f"{PREFIX}/{tenant}/{kind.value}/{tail}"
+
+
+def shared(group: str, topic_filter: str) -> str:
+    """An MQTT 5 shared subscription (``$share/group/filter``), served by Mosquitto 2 and EMQX."""
+    return f"$share/{check_ident(group, 'share group')}/{topic_filter}"
+
+
+def matches(topic_filter: str, topic: str) -> bool:
+    """MQTT topic-filter matching (``+`` one level, ``#`` the rest), for tests and twin-side checks."""
+    if topic_filter.startswith("$share/"):
+        topic_filter = topic_filter.split("/", 2)[2]
+    f_parts, t_parts = topic_filter.split("/"), topic.split("/")
+    for i, level in enumerate(f_parts):
+        if level == "#":
+            return True
+        if i >= len(t_parts):
+            return False
+        if level != "+" and level != t_parts[i]:
+            return False
+    return len(f_parts) == len(t_parts)
