@@ -100,7 +100,7 @@ def test_telemetry_round_trip(rows: list[tuple[int, int, float]], seq: int, epoc
     assert batch.channels == tuple(channels)
     assert batch.t_us == t and batch.channel_idx == c
     assert all((a == b) or (math.isnan(a) and math.isnan(b)) for a, b in zip(batch.values, v, strict=True))
-    h, t_np, c_np, v_np = telemetry.decode_numpy(payload)
+    _h, t_np, c_np, v_np = telemetry.decode_numpy(payload)
     assert t_np.tolist() == t and c_np.tolist() == c
     np.testing.assert_array_equal(v_np, np.array(v, dtype=float))
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 ROOT = "fl"
 VERSION = "v1"
@@ -57,7 +57,7 @@ def check_tenant(tenant: str) -> str:
     return tenant
 
 
-class Kind(str, Enum):
+class Kind(StrEnum):
     """The kinds of device-scoped topic (the level after the tenant)."""
 
     STATUS = "status"
@@ -259,3 +259,57 @@ def matches(topic_filter: str, topic: str) -> bool:
         if level != "+" and level != t_parts[i]:
             return False
     return len(f_parts) == len(t_parts)
+
+
+# --- the catalog: every topic, for the AsyncAPI document and docs/topics.md -------------------------
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    """One channel of the contract as documented in ``docs/asyncapi.yaml``."""
+
+    name: str
+    address: str  # with {parameters}
+    message: str  # key in forgeline.contract.schemas.SCHEMAS
+    publisher: str
+    subscribers: str
+    retained: bool
+    qos: int
+    description: str
+
+
+_DEV = "{site}/{area}/{device}"
+
+TOPICS: tuple[TopicSpec, ...] = (
+    TopicSpec("status", f"{PREFIX}/{{tenant}}/status/{_DEV}", "status", "edge agent", "twin, routing",
+              True, 1, "Availability: birth 'online' with device metadata and capabilities; last will 'offline'."),
+    TopicSpec("telemetry", f"{PREFIX}/{{tenant}}/telemetry/{_DEV}", "telemetry", "edge agent", "twin",
+              False, 1, "Batched samples (binary FLT1 encoding), numbered per device by (epoch, seq)."),
+    TopicSpec("event", f"{PREFIX}/{{tenant}}/event/{_DEV}", "event", "edge agent", "twin, iteration loop",
+              False, 1, "Device events: job lifecycle with part lists, produced units, alarms."),
+    TopicSpec("command", f"{PREFIX}/{{tenant}}/cmd/{_DEV}/{{command}}", "command_request",
+              "routing, operators", "edge agent", False, 1,
+              "Command request (set_config, dispatch_job, ping) with a correlation id."),
+    TopicSpec("command_response", f"{PREFIX}/{{tenant}}/cmdres/{_DEV}/{{command}}", "command_response",
+              "edge agent", "routing, operators", False, 1, "Command response with the request's correlation id."),
+    TopicSpec("twin", f"{PREFIX}/{{tenant}}/twin/{_DEV}", "twin_state", "twin", "platform services, routing",
+              True, 1, "Twin state of one device: reported values, capabilities, KPIs."),
+    TopicSpec("fleet", f"{PREFIX}/{{tenant}}/fleet", "fleet_summary", "twin", "platform services",
+              True, 1, "Fleet summary of one tenant."),
+    TopicSpec("anomaly", f"{PREFIX}/{{tenant}}/anomaly/{_DEV}", "anomaly_event", "twin",
+              "platform services, iteration loop", False, 1, "Anomaly events with hysteresis: start and end."),
+    TopicSpec("api_request", f"{PREFIX}/{{tenant}}/api/request/{{method}}", "api_request", "platform services",
+              "twin", False, 1, "Twin query API request: get_twin, list_devices (answers within the tenant only)."),
+    TopicSpec("api_response", f"{PREFIX}/{{tenant}}/api/response/{{client_id}}", "api_response", "twin",
+              "platform services", False, 1, "Twin query API response, correlated by correlation_id."),
+    TopicSpec("feedback", f"{PREFIX}/{{tenant}}/feedback/{{model}}/{{revision}}", "feedback",
+              "customer service, field apps", "iteration loop", False, 1, "User and customer feedback."),
+    TopicSpec("insights", f"{PREFIX}/{{tenant}}/insights/{{model}}", "insights", "iteration loop",
+              "engineering, dashboards", True, 1, "Revision comparison insights per product model."),
+    TopicSpec("routing_request", f"{PREFIX}/{PLATFORM}/routing/request", "routing_request", "platform",
+              "routing service", False, 1, "Order routing request."),
+    TopicSpec("routing_response", f"{PREFIX}/{PLATFORM}/routing/response/{{client_id}}", "routing_response",
+              "routing service", "platform", False, 1, "Order routing response with per-part decisions."),
+    TopicSpec("deadletter", f"{PREFIX}/{SYSTEM}/deadletter/{{tenant}}", "deadletter", "twin", "operators",
+              False, 1, "Rejected input with the reason; counted in the twin's metrics."),
+)

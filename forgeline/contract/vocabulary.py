@@ -7,10 +7,10 @@ a birth message announcing ``nozzle_temp`` in ``degF`` is rejected by the twin w
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum, IntEnum
+from enum import IntEnum, StrEnum
 
 
-class Technology(str, Enum):
+class Technology(StrEnum):
     FDM = "FDM"
     SLA = "SLA"
     DLP = "DLP"
