@@ -92,6 +92,9 @@ RIGHTS: dict[Role, tuple[frozenset[str], frozenset[str]]] = {
 
 OPERATOR_READ_ALL = ("#", "$SYS/#")
 
+# The service accounts of a standard deployment; broker/acl is rendered for these.
+STANDARD_ACCOUNTS = ("_twin", "_routing", "_quotes", "_loop", "_ops")
+
 # The customer topic level (fl/v1/_customers/{customer}/...) is being added to the contract by the
 # routing work; until its channels are in topics.TOPICS, these filters keep customers working:
 # a customer reads and writes below its own level and platform services read and write all of it.
