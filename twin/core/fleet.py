@@ -1,0 +1,679 @@
+"""FleetCore: the public, validating layer over the numba kernels.
+
+Examples:
+    >>> import numpy as np
+    >>> core = FleetCore(max_devices=4, channels_per_device=4)
+    >>> d = core.add_device("acme/berlin/hall1/p1", technology="FDM", channels=["state", "nozzle_temp"])
+    >>> core.channel_index(d, "nozzle_temp")
+    1
+    >>> t = np.arange(3, dtype=np.int64) * 1_000_000 + 1_700_000_000_000_000
+    >>> stats = core.ingest(np.zeros(3, np.int32), np.ones(3, np.int32), t, np.array([210.0, 211.0, np.nan]))
+    >>> stats.accepted, stats.rejected_nonfinite
+    (2, 1)
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import numpy as np
+
+from forgeline.contract.vocabulary import DeviceState, Technology
+from twin.core import kernels
+from twin.core.config import CoreConfig, WindowSpec
+from twin.core.fill import (
+    BuildError,
+    BuildRecord,
+    bed_volume_used,
+    mean_fill,
+    packing_density,
+    planned_fill,
+    realised_fill,
+)
+from twin.core.layout import (
+    BV_BUSY_MS,
+    BV_FIELDS,
+    BV_GOOD,
+    BV_PRODUCED,
+    BV_PRODUCING_MS,
+    BV_SCRAP,
+    CH_CUSUM_REGIME,
+    CH_FIELDS,
+    CH_LAST_T,
+    CH_PEAK,
+    CH_SCORE,
+    DETECTOR_CODES,
+    DF_FIELDS,
+    DF_LAYER_PROGRESS,
+    DF_N,
+    DF_PEAK,
+    DF_PLANNED_CYCLE_S,
+    DF_SCORE,
+    DI_COUNTER_T,
+    DI_FIELDS,
+    DI_HAS_GOOD,
+    DI_LAYER_T,
+    DI_STATE_COUNT,
+    LV_BUCKET_MS,
+    LV_COUNT,
+    LV_FIELDS,
+    LV_OFFSET,
+    LV_ORIGIN_MS,
+    P_ALPHA,
+    P_CUSUM_CAP,
+    P_CUSUM_DRIFT,
+    P_CUSUM_SCALE,
+    P_DETECTOR,
+    P_EVENT_MIN,
+    P_EVENT_OFF,
+    P_EVENT_ON,
+    P_FIELDS,
+    P_GATED_FACTOR,
+    P_HISTORICAL,
+    P_HOLD_MS,
+    P_LEARN_GATE,
+    P_REL_FLOOR,
+    P_SILENCE_MS,
+    P_WARMUP,
+    P_Z_SCALE2,
+    ROLE_ANALOG,
+    SHIFT_BUCKETS,
+    ST_ACCEPTED,
+    ST_FIELDS,
+    ST_INDEX,
+    ST_LATE,
+    ST_MAX_T,
+    ST_NONFINITE,
+    ST_VALUE,
+    role_of_channel,
+)
+
+KPI_KEYS = (
+    "utilization",
+    "availability",
+    "effectiveness",
+    "quality",
+    "oee",
+    "chamber_fill",
+    "packing_density",
+    "fill_realised",
+    "anomaly_score",
+)
+OEE_KEYS = ("utilization", "availability", "effectiveness", "quality", "oee")
+_SNAPSHOT_MAGIC = b"FLCORE1\n"
+_NO_SCORES = np.empty(0, dtype=np.float64)
+_LAYERWISE = frozenset(t.value for t in Technology if t is not Technology.LINE)
+
+
+class CoreError(ValueError):
+    """Bad input to the core: unknown device or channel, capacity exceeded, wrong shapes …"""
+
+
+@dataclass(frozen=True)
+class IngestStats:
+    """What one :meth:`FleetCore.ingest` call did with its samples; the counts add up to the batch.
+
+    ``late``: samples too old to place (older than a channel's newest sample for detector channels,
+    older than the reorder buffer for ``state``, older than the last value for counters).
+    ``rejected_value``: a state code or counter value that cannot be right (not 0..6, negative).
+    """
+
+    accepted: int
+    rejected_nonfinite: int
+    rejected_index: int
+    late: int
+    rejected_value: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.accepted + self.rejected_nonfinite + self.rejected_index + self.late + self.rejected_value
+
+
+@dataclass(frozen=True)
+class AnomalyEvent:
+    """Start or end of one incident on one device; ``score`` is the device score (at the end: the peak)."""
+
+    device: int
+    phase: Literal["start", "end"]
+    t_us: int
+    score: float
+    channels: tuple[str, ...]
+
+
+def _aligned_zeros(shape: tuple[int, ...], dtype: type[np.generic], align: int = 64) -> np.ndarray:
+    """Zeros whose first byte sits on a cache-line boundary, so a channel's 128 bytes are 2 lines."""
+    itemsize = np.dtype(dtype).itemsize
+    count = int(np.prod(shape))
+    raw = np.zeros(count * itemsize + align, dtype=np.uint8)
+    start = (-raw.ctypes.data) % align
+    return raw[start : start + count * itemsize].view(dtype).reshape(shape)
+
+
+def _params(config: CoreConfig) -> np.ndarray:
+    params = np.zeros(P_FIELDS, dtype=np.float64)
+    params[P_ALPHA] = config.alpha
+    params[P_WARMUP] = config.warmup_samples
+    params[P_Z_SCALE2] = config.z_scale**2
+    params[P_CUSUM_DRIFT] = config.cusum_drift
+    params[P_CUSUM_SCALE] = config.cusum_scale
+    # capped so that a long incident decays in about cap/drift samples once it is over
+    params[P_CUSUM_CAP] = config.cusum_scale * 4.0
+    params[P_LEARN_GATE] = config.learn_gate
+    params[P_GATED_FACTOR] = config.gated_learn_factor
+    params[P_REL_FLOOR] = config.relative_noise_floor
+    params[P_EVENT_ON] = config.event_on
+    params[P_EVENT_OFF] = config.event_off
+    params[P_EVENT_MIN] = config.event_min_samples
+    params[P_HOLD_MS] = config.state_hold_s * 1000
+    params[P_SILENCE_MS] = config.silence_s * 1000
+    params[P_DETECTOR] = DETECTOR_CODES[config.detector]
+    return params
+
+
+def _levels(config: CoreConfig) -> np.ndarray:
+    rows = [(w.n_buckets, w.bucket_s * 1000, 0) for w in config.windows]
+    rows.append((SHIFT_BUCKETS, config.shift_length_s * 1000, config.shift_origin_s * 1000))
+    levels = np.zeros((len(rows), LV_FIELDS), dtype=np.int64)
+    offset = 0
+    for i, (count, bucket_ms, origin_ms) in enumerate(rows):
+        levels[i, LV_OFFSET] = offset
+        levels[i, LV_COUNT] = count
+        levels[i, LV_BUCKET_MS] = bucket_ms
+        levels[i, LV_ORIGIN_MS] = origin_ms
+        offset += count
+    return levels
+
+
+def _ratio(num: float, den: float) -> float | None:
+    return num / den if den > 0 else None
+
+
+def oee_from_totals(totals: np.ndarray, planned_cycle_s: float, has_good: bool) -> dict[str, float | None]:
+    """ISO 22400-2 KPIs from one row of window totals (see :func:`kernels.window_totals`)."""
+    producing = float(totals[BV_PRODUCING_MS])
+    busy = float(totals[BV_BUSY_MS])
+    produced = float(totals[BV_PRODUCED])
+    good = float(totals[BV_GOOD]) if has_good else produced - float(totals[BV_SCRAP])
+    utilization = _ratio(producing, float(totals[6]))
+    availability = _ratio(producing, busy)
+    effectiveness = _ratio(planned_cycle_s * 1000.0 * produced, producing) if math.isfinite(planned_cycle_s) else None
+    quality = _ratio(max(good, 0.0), produced)
+    oee = (
+        availability * effectiveness * quality
+        if availability is not None and effectiveness is not None and quality is not None
+        else None
+    )
+    return {
+        "utilization": utilization,
+        "availability": availability,
+        "effectiveness": effectiveness,
+        "quality": quality,
+        "oee": oee,
+    }
+
+
+class FleetCore:
+    """State and KPIs of a whole fleet; see the module docstring and ``docs/core.md``."""
+
+    def __init__(self, max_devices: int = 1024, channels_per_device: int = 32, config: CoreConfig | None = None):
+        if max_devices < 1:
+            raise CoreError("max_devices must be at least 1")
+        if not 1 <= channels_per_device <= 1024:
+            raise CoreError("channels_per_device must be in 1..1024")
+        self.config = config or CoreConfig()
+        self.channels_per_device = channels_per_device
+        self.devices: list[str] = []
+        self._index: dict[str, int] = {}
+        self._technology: list[str] = []
+        self._channel_names: list[list[str]] = []
+        self._slots: list[dict[str, int]] = []
+        self._params = _params(self.config)
+        self._levels = _levels(self.config)
+        self._kpi_level = [w.length_s for w in self.config.windows].index(self.config.kpi_window_s)
+        self._stats = np.zeros(ST_FIELDS, dtype=np.int64)
+        self._stats[ST_MAX_T] = np.iinfo(np.int64).min
+        self._events: list[AnomalyEvent] = []
+        self._active_builds: dict[int, BuildRecord] = {}
+        self._builds: deque[BuildRecord] = deque(maxlen=self.config.build_history)
+        self._allocate(max_devices)
+
+    # ---- state arrays ---------------------------------------------------------------------------
+
+    def _allocate(self, capacity: int) -> None:
+        n_channels = self.channels_per_device
+        n_buckets = int(self._levels[:, LV_COUNT].sum())
+        depth = self.config.reorder_depth
+        self.role = np.zeros((capacity, n_channels), dtype=np.int8)
+        self.chan = _aligned_zeros((capacity, n_channels, CH_FIELDS), np.float64)
+        self.chan[:, :, CH_LAST_T] = -np.inf
+        self.chan[:, :, CH_CUSUM_REGIME] = -1.0
+        self.devf = np.zeros((capacity, DF_FIELDS), dtype=np.float64)
+        self.devf[:, DF_PLANNED_CYCLE_S] = np.nan
+        self.devi = np.zeros((capacity, DI_FIELDS), dtype=np.int64)
+        self.devi[:, DI_COUNTER_T : DI_COUNTER_T + 3] = -1
+        self.devi[:, DI_LAYER_T] = -1
+        self.st_t = np.zeros((capacity, depth), dtype=np.int64)
+        self.st_code = np.zeros((capacity, depth), dtype=np.int8)
+        self.bid = np.full((capacity, n_buckets), -1, dtype=np.int32)
+        self.bval = np.zeros((capacity, n_buckets, BV_FIELDS), dtype=np.int32)
+
+    _ARRAYS = ("role", "chan", "devf", "devi", "st_t", "st_code", "bid", "bval")
+
+    def _grow(self, capacity: int) -> None:
+        old = {name: getattr(self, name) for name in self._ARRAYS}
+        used = len(self.devices)
+        self._allocate(capacity)
+        for name, array in old.items():
+            getattr(self, name)[:used] = array[:used]
+
+    @property
+    def capacity(self) -> int:
+        return int(self.role.shape[0])
+
+    def state_bytes(self) -> int:
+        """Bytes of numeric state held for the current capacity (all arrays)."""
+        return int(sum(getattr(self, name).nbytes for name in self._ARRAYS))
+
+    # ---- devices and channels -------------------------------------------------------------------
+
+    def add_device(
+        self,
+        key: str,
+        *,
+        technology: str,
+        channels: Sequence[str] = (),
+        planned_cycle_time_s: float | None = None,
+    ) -> int:
+        """Register a device (idempotent per key ``tenant/site/area/device``); return its index."""
+        if technology not in {t.value for t in Technology}:
+            raise CoreError(f"unknown technology {technology!r}; choose from {', '.join(t.value for t in Technology)}")
+        if planned_cycle_time_s is not None and not (math.isfinite(planned_cycle_time_s) and planned_cycle_time_s > 0):
+            raise CoreError(f"planned_cycle_time_s must be positive, got {planned_cycle_time_s!r}")
+        if key.count("/") != 3 or any(not part for part in key.split("/")):
+            raise CoreError(f"device key {key!r} must be tenant/site/area/device")
+        index = self._index.get(key)
+        if index is None:
+            index = len(self.devices)
+            if index >= self.capacity:
+                self._grow(max(2 * self.capacity, 16))
+            self.devices.append(key)
+            self._index[key] = index
+            self._technology.append(technology)
+            self._channel_names.append([])
+            self._slots.append({})
+        elif self._technology[index] != technology:
+            raise CoreError(f"device {key!r} is {self._technology[index]}, not {technology}")
+        if planned_cycle_time_s is not None:
+            self.devf[index, DF_PLANNED_CYCLE_S] = planned_cycle_time_s
+        for name in channels:
+            self.channel_index(index, name)
+        return index
+
+    def device_index(self, key: str) -> int:
+        try:
+            return self._index[key]
+        except KeyError:
+            raise CoreError(f"unknown device {key!r}") from None
+
+    def _check_device(self, device: int) -> None:
+        if not 0 <= device < len(self.devices):
+            raise CoreError(f"unknown device index {device} (the core has {len(self.devices)} devices)")
+
+    def channel_index(self, device: int, name: str) -> int:
+        """The device's slot for channel ``name``, assigned on first use."""
+        self._check_device(device)
+        slots = self._slots[device]
+        slot = slots.get(name)
+        if slot is None:
+            if not name:
+                raise CoreError("a channel needs a name")
+            slot = len(slots)
+            if slot >= self.channels_per_device:
+                raise CoreError(
+                    f"device {self.devices[device]!r} already has {self.channels_per_device} channels; "
+                    f"cannot add {name!r} (raise channels_per_device)"
+                )
+            slots[name] = slot
+            self._channel_names[device].append(name)
+            self.role[device, slot] = role_of_channel(name)
+        return slot
+
+    def channels(self, device: int) -> list[str]:
+        self._check_device(device)
+        return list(self._channel_names[device])
+
+    # ---- ingest ---------------------------------------------------------------------------------
+
+    def ingest(
+        self,
+        device: np.ndarray,
+        channel: np.ndarray,
+        t_us: np.ndarray,
+        values: np.ndarray,
+        *,
+        historical: bool = False,
+        tick_scores: np.ndarray | None = None,
+    ) -> IngestStats:
+        """Process a batch of samples in one kernel call; see :class:`IngestStats` for the counts.
+
+        ``historical=True`` marks replayed data: it updates KPIs and baselines but opens or closes
+        no anomaly events (an incident of an hour ago is reported by the KPIs, not paged now).
+        ``tick_scores`` (float64, one slot per sample, batch already in time order per device)
+        receives each device tick's combined score at the tick's last sample; other slots are
+        left as they are. Offline scoring uses it.
+        """
+        device = np.ascontiguousarray(device, dtype=np.int32)
+        channel = np.ascontiguousarray(channel, dtype=np.int32)
+        t_us = np.ascontiguousarray(t_us, dtype=np.int64)
+        values = np.ascontiguousarray(values, dtype=np.float64)
+        n = device.shape[0]
+        if device.ndim != 1 or channel.shape != (n,) or t_us.shape != (n,) or values.shape != (n,):
+            raise CoreError(
+                f"device, channel, t_us and values must be 1-d and of one length, got shapes "
+                f"{device.shape}, {channel.shape}, {t_us.shape}, {values.shape}"
+            )
+        if n == 0:
+            return IngestStats(0, 0, 0, 0, 0)
+        if tick_scores is None:
+            tick_scores = _NO_SCORES
+        elif tick_scores.shape != (n,) or tick_scores.dtype != np.float64:
+            raise CoreError("tick_scores must be a float64 array with one slot per sample")
+        if not kernels.batch_is_ordered(device, t_us):
+            if tick_scores.shape[0]:
+                raise CoreError("tick_scores needs a batch in time order per device")
+            order = np.lexsort((t_us, device))
+            device, channel, t_us, values = device[order], channel[order], t_us[order], values[order]
+        self._params[P_HISTORICAL] = 1.0 if historical else 0.0
+        before = self._stats.copy()
+        ev_device = np.empty(n, dtype=np.int32)
+        ev_phase = np.empty(n, dtype=np.int8)
+        ev_t = np.empty(n, dtype=np.int64)
+        ev_score = np.empty(n, dtype=np.float64)
+        ev_mask = np.empty(n, dtype=np.int64)
+        n_events = kernels.ingest_batch(
+            device, channel, t_us, values, len(self.devices), self.role, self.chan, self.devf, self.devi,
+            self.st_t, self.st_code, self.bid, self.bval, self._levels, self._params, self._stats,
+            ev_device, ev_phase, ev_t, ev_score, ev_mask, tick_scores,
+        )  # fmt: skip
+        for k in range(n_events):
+            d = int(ev_device[k])
+            names = self._channel_names[d]
+            mask = int(ev_mask[k])
+            self._events.append(
+                AnomalyEvent(
+                    device=d,
+                    phase="start" if ev_phase[k] == 0 else "end",
+                    t_us=int(ev_t[k]),
+                    score=float(ev_score[k]),
+                    channels=tuple(names[c] for c in range(len(names)) if mask >> c & 1),
+                )
+            )
+        delta = self._stats - before
+        return IngestStats(
+            accepted=int(delta[ST_ACCEPTED]),
+            rejected_nonfinite=int(delta[ST_NONFINITE]),
+            rejected_index=int(delta[ST_INDEX]),
+            late=int(delta[ST_LATE]),
+            rejected_value=int(delta[ST_VALUE]),
+        )
+
+    @property
+    def now_us(self) -> int | None:
+        """The newest accepted timestamp: the default "now" of every query (data time, not wall time)."""
+        value = int(self._stats[ST_MAX_T])
+        return None if value == np.iinfo(np.int64).min else value
+
+    def drain_events(self) -> list[AnomalyEvent]:
+        events, self._events = self._events, []
+        return events
+
+    # ---- builds ---------------------------------------------------------------------------------
+
+    def start_build(
+        self,
+        device: int,
+        *,
+        t_us: int,
+        job_id: str,
+        chamber_volume_cm3: float,
+        part_volumes_cm3: Sequence[float],
+        part_masses_g: Sequence[float] | None = None,
+        material_density_g_cm3: float | None = None,
+        build_height_mm: float | None = None,
+        chamber_height_mm: float | None = None,
+    ) -> None:
+        """Start a build: planned fill now, packing density when masses or a density are known."""
+        self._check_device(device)
+        if self._technology[device] not in _LAYERWISE:
+            raise CoreError(f"device {self.devices[device]!r} is a {self._technology[device]} station, not a printer")
+        fill = planned_fill(chamber_volume_cm3, part_volumes_cm3)
+        density: float | None = None
+        if material_density_g_cm3 is not None:
+            masses = (
+                list(part_masses_g)
+                if part_masses_g is not None
+                else [v * material_density_g_cm3 for v in part_volumes_cm3]
+            )
+            if len(masses) != len(part_volumes_cm3):
+                raise BuildError("part_masses_g and part_volumes_cm3 must list the same parts")
+            density = packing_density(
+                masses,
+                material_density_g_cm3=material_density_g_cm3,
+                bed_volume_cm3=bed_volume_used(chamber_volume_cm3, build_height_mm, chamber_height_mm),
+            )
+        record = BuildRecord(
+            device=device,
+            tenant=self.devices[device].split("/", 1)[0],
+            job_id=job_id,
+            start_us=int(t_us),
+            chamber_fill=fill,
+            packing_density=density,
+            build_height_mm=build_height_mm,
+            parts=len(part_volumes_cm3),
+        )
+        self._active_builds[device] = record
+        self._builds.append(record)
+        # a new build starts from layer 0, whatever the previous build reported last
+        self.devf[device, DF_LAYER_PROGRESS] = 0.0
+        self.devi[device, DI_LAYER_T] = int(t_us)
+
+    def finish_build(self, device: int, *, t_us: int) -> None:
+        self._check_device(device)
+        record = self._active_builds.pop(device, None)
+        if record is None:
+            raise CoreError(f"device {self.devices[device]!r} has no build in progress")
+        record.finish_us = int(t_us)
+
+    def fleet_fill(self, tenant: str, *, since_us: int, until_us: int) -> float | None:
+        """Mean planned fill of the tenant's builds started in ``[since, until)``, weighted by height."""
+        return mean_fill((b for b in self._builds if b.tenant == tenant), since_us, until_us)
+
+    def device_fill(self, device: int, *, since_us: int, until_us: int) -> float | None:
+        self._check_device(device)
+        return mean_fill((b for b in self._builds if b.device == device), since_us, until_us)
+
+    # ---- KPIs -----------------------------------------------------------------------------------
+
+    def _now_ms(self, now_us: int | None) -> int:
+        if now_us is None:
+            now_us = self.now_us
+        return 0 if now_us is None else int(now_us) // 1000
+
+    def _totals(self, level: int, now_ms: int, rows: slice) -> np.ndarray:
+        count = rows.stop - rows.start
+        out = np.zeros((count, 7), dtype=np.float64)
+        kernels.window_totals(
+            self.bid[rows], self.bval[rows], self._levels, level, now_ms, self.st_t[rows], self.st_code[rows],
+            self.devi[rows], int(self._params[P_HOLD_MS]), int(self._params[P_SILENCE_MS]), out,
+        )  # fmt: skip
+        return out
+
+    def window_kpis(
+        self, device: int, window: int | Literal["shift"] | None = None, now_us: int | None = None
+    ) -> dict[str, float | None]:
+        """Utilization and OEE over one rolling window (its length in seconds) or the current shift."""
+        self._check_device(device)
+        if window is None:
+            level = self._kpi_level
+        elif window == "shift":
+            level = len(self.config.windows)
+        else:
+            lengths = [w.length_s for w in self.config.windows]
+            if window not in lengths:
+                raise CoreError(f"no rolling window of {window} s; configured: {lengths}")
+            level = lengths.index(window)
+        totals = self._totals(level, self._now_ms(now_us), slice(device, device + 1))[0]
+        return oee_from_totals(
+            totals, float(self.devf[device, DF_PLANNED_CYCLE_S]), bool(self.devi[device, DI_HAS_GOOD])
+        )
+
+    def _build_kpis(self, device: int) -> tuple[float | None, float | None, float | None]:
+        record = self._active_builds.get(device)
+        if record is None:
+            return None, None, None
+        progress = float(self.devf[device, DF_LAYER_PROGRESS]) if self.devi[device, DI_LAYER_T] >= 0 else None
+        return record.chamber_fill, record.packing_density, realised_fill(record.chamber_fill, progress)
+
+    def _anomaly_score(self, device: int) -> float | None:
+        if self.devf[device, DF_N] < self.config.warmup_samples:
+            return None
+        return float(self.devf[device, DF_SCORE])
+
+    def kpis(self, device: int, now_us: int | None = None) -> dict[str, float | None]:
+        """The device's KPIs (None where not defined yet); OEE keys over ``config.kpi_window_s``."""
+        result = self.window_kpis(device, None, now_us)
+        fill, density, realised = self._build_kpis(device)
+        result["chamber_fill"] = fill
+        result["packing_density"] = density
+        result["fill_realised"] = realised
+        result["anomaly_score"] = self._anomaly_score(device)
+        count = int(self.devi[device, DI_STATE_COUNT])
+        result["state"] = float(self.st_code[device, count - 1]) if count else None
+        return result
+
+    def kpis_all(self, now_us: int | None = None) -> dict[str, np.ndarray]:
+        """Every KPI for every device as float64 arrays (NaN where not defined), index = device."""
+        n = len(self.devices)
+        totals = self._totals(self._kpi_level, self._now_ms(now_us), slice(0, n))
+        producing = totals[:, BV_PRODUCING_MS]
+        busy = totals[:, BV_BUSY_MS]
+        produced = totals[:, BV_PRODUCED]
+        has_good = self.devi[:n, DI_HAS_GOOD] == 1
+        good = np.where(has_good, totals[:, BV_GOOD], produced - totals[:, BV_SCRAP]).clip(min=0.0)
+        cycle_ms = self.devf[:n, DF_PLANNED_CYCLE_S] * 1000.0
+        with np.errstate(divide="ignore", invalid="ignore"):
+            utilization = np.where(totals[:, 6] > 0, producing / totals[:, 6], np.nan)
+            availability = np.where(busy > 0, producing / busy, np.nan)
+            effectiveness = np.where(producing > 0, cycle_ms * produced / producing, np.nan)
+            quality = np.where(produced > 0, good / produced, np.nan)
+        result = {
+            "utilization": utilization,
+            "availability": availability,
+            "effectiveness": effectiveness,
+            "quality": quality,
+            "oee": availability * effectiveness * quality,
+        }
+        fills = np.full((3, n), np.nan)
+        for d in self._active_builds:
+            for k, value in enumerate(self._build_kpis(d)):
+                fills[k, d] = np.nan if value is None else value
+        result["chamber_fill"], result["packing_density"], result["fill_realised"] = fills
+        result["anomaly_score"] = np.where(
+            self.devf[:n, DF_N] >= self.config.warmup_samples, self.devf[:n, DF_SCORE], np.nan
+        )
+        counts = self.devi[:n, DI_STATE_COUNT]
+        last = self.st_code[np.arange(n), np.maximum(counts - 1, 0)].astype(np.float64)
+        result["state"] = np.where(counts > 0, last, np.nan)
+        return result
+
+    def channel_scores(self, device: int) -> dict[str, float]:
+        """The latest score in [0, 1] of each detector channel of the device (0 while warming up)."""
+        self._check_device(device)
+        return {
+            name: float(self.chan[device, slot, CH_SCORE])
+            for slot, name in enumerate(self._channel_names[device])
+            if self.role[device, slot] == ROLE_ANALOG
+        }
+
+    def take_peaks(self, device: int) -> tuple[float, dict[str, float]]:
+        """Highest device and channel scores since the last call (for "max over the interval")."""
+        self._check_device(device)
+        device_peak = float(self.devf[device, DF_PEAK])
+        channel_peaks = {
+            name: float(self.chan[device, slot, CH_PEAK])
+            for slot, name in enumerate(self._channel_names[device])
+            if self.role[device, slot] == ROLE_ANALOG
+        }
+        self.devf[device, DF_PEAK] = 0.0
+        self.chan[device, :, CH_PEAK] = 0.0
+        return device_peak, channel_peaks
+
+    # ---- snapshot / restore -----------------------------------------------------------------------
+
+    def snapshot(self) -> bytes:
+        """Everything the core knows, as bytes; :meth:`restore` gives back an identical core."""
+        config = asdict(self.config)
+        meta: dict[str, Any] = {
+            "config": config,
+            "channels_per_device": self.channels_per_device,
+            "devices": self.devices,
+            "technology": self._technology,
+            "channels": self._channel_names,
+            "builds": [asdict(b) for b in self._builds],
+            "active": {str(d): self._builds_index(r) for d, r in self._active_builds.items()},
+            "events": [asdict(e) for e in self._events],
+        }
+        buffer = io.BytesIO()
+        used = len(self.devices)
+        arrays = {name: getattr(self, name)[:used] for name in self._ARRAYS}
+        np.savez(buffer, stats=self._stats, **arrays)
+        header = json.dumps(meta).encode()
+        return _SNAPSHOT_MAGIC + len(header).to_bytes(8, "little") + header + buffer.getvalue()
+
+    def _builds_index(self, record: BuildRecord) -> int:
+        for i, b in enumerate(self._builds):
+            if b is record:
+                return i
+        self._builds.append(record)  # only when the history dropped an active build
+        return len(self._builds) - 1
+
+    @classmethod
+    def restore(cls, blob: bytes) -> FleetCore:
+        if not blob.startswith(_SNAPSHOT_MAGIC):
+            raise CoreError("not a FleetCore snapshot")
+        start = len(_SNAPSHOT_MAGIC)
+        size = int.from_bytes(blob[start : start + 8], "little")
+        meta = json.loads(blob[start + 8 : start + 8 + size])
+        config_dict = dict(meta["config"])
+        config_dict["windows"] = tuple(WindowSpec(**w) for w in config_dict["windows"])
+        config = CoreConfig(**config_dict)
+        devices = meta["devices"]
+        core = cls(max_devices=max(len(devices), 1), channels_per_device=meta["channels_per_device"], config=config)
+        core.devices = list(devices)
+        core._index = {key: i for i, key in enumerate(devices)}
+        core._technology = list(meta["technology"])
+        core._channel_names = [list(c) for c in meta["channels"]]
+        core._slots = [{name: i for i, name in enumerate(c)} for c in core._channel_names]
+        with np.load(io.BytesIO(blob[start + 8 + size :]), allow_pickle=False) as data:
+            core._stats[:] = data["stats"]
+            for name in cls._ARRAYS:
+                getattr(core, name)[: len(devices)] = data[name]
+        core._builds.extend(BuildRecord(**b) for b in meta["builds"])
+        builds = list(core._builds)
+        core._active_builds = {int(d): builds[i] for d, i in meta["active"].items()}
+        core._events = [AnomalyEvent(**{**e, "channels": tuple(e["channels"])}) for e in meta["events"]]
+        return core
+
+
+def state_name(code: float | None) -> str | None:
+    """The DeviceState name of a state code as reported in :meth:`FleetCore.kpis` (None stays None)."""
+    return None if code is None else DeviceState(int(code)).name.lower()
+
+
+__all__ = ["AnomalyEvent", "CoreError", "FleetCore", "IngestStats", "oee_from_totals"]

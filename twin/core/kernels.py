@@ -1,0 +1,694 @@
+"""The numba kernels: one call processes a whole batch of samples for the whole fleet.
+
+Three layers (the stumpy habit): :class:`twin.core.fleet.FleetCore` validates and prepares input;
+``ingest_batch`` is the private driver; the small ``_helpers`` do one thing each. Only numpy
+arrays and scalars cross into this module. ``twin/core/reference.py`` holds the slow, obviously
+correct twin of each kernel, and the tests compare the two.
+
+Timestamps are µs (int64) at the boundary; the state timeline and the rolling-window buckets
+work in whole milliseconds, so every time sum is an exact integer whatever the arrival order.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from twin.core.config import NJIT_OPTIONS
+from twin.core.layout import (
+    BV_BUSY_MS,
+    BV_GOOD,
+    BV_KNOWN_MS,
+    BV_PRODUCED,
+    BV_PRODUCING_MS,
+    BV_SCRAP,
+    CH_CUSUM_NEG,
+    CH_CUSUM_POS,
+    CH_CUSUM_REGIME,
+    CH_LAST_T,
+    CH_PEAK,
+    CH_Q,
+    CH_SCORE,
+    DF_COUNTER,
+    DF_EVENT_PEAK,
+    DF_LAYER_PROGRESS,
+    DF_MEAN,
+    DF_N,
+    DF_PEAK,
+    DF_SCORE,
+    DF_SUM,
+    DF_VAR,
+    DI_COUNTER_T,
+    DI_EVENT_ACTIVE,
+    DI_EVENT_MASK,
+    DI_EVENT_PENDING_T,
+    DI_EVENT_RUN,
+    DI_EVENT_START_T,
+    DI_FIRST_STATE_MS,
+    DI_HAS_GOOD,
+    DI_LAST_SEEN_MS,
+    DI_LAST_TICK_T,
+    DI_LAYER_T,
+    DI_STATE_COUNT,
+    LV_BUCKET_MS,
+    LV_COUNT,
+    LV_OFFSET,
+    LV_ORIGIN_MS,
+    N_STATES,
+    P_ALPHA,
+    P_CUSUM_CAP,
+    P_CUSUM_DRIFT,
+    P_CUSUM_SCALE,
+    P_DETECTOR,
+    P_EVENT_MIN,
+    P_EVENT_OFF,
+    P_EVENT_ON,
+    P_GATED_FACTOR,
+    P_HISTORICAL,
+    P_HOLD_MS,
+    P_LEARN_GATE,
+    P_REL_FLOOR,
+    P_WARMUP,
+    P_Z_SCALE2,
+    PLANNED_BUSY,
+    PRODUCING_STATE,
+    Q_CAP,
+    REGIME_OF_STATE,
+    ROLE_ANALOG,
+    ROLE_GOOD,
+    ROLE_LAYER_PROGRESS,
+    ROLE_PRODUCED,
+    ROLE_SCRAP,
+    ROLE_STATE,
+    ROLE_UNUSED,
+    ST_ACCEPTED,
+    ST_INDEX,
+    ST_LATE,
+    ST_MAX_T,
+    ST_NONFINITE,
+    ST_VALUE,
+)
+
+LEARN_CLIP = 3.0
+_REGIME_OF_STATE = np.array(REGIME_OF_STATE, dtype=np.int64)
+_PLANNED_BUSY = np.array(PLANNED_BUSY, dtype=np.int64)
+
+
+# ================================================================================================
+# Anomaly detection helpers
+# ================================================================================================
+
+
+@njit(**NJIT_OPTIONS)
+def ew_update(mean: float, var: float, n: float, x: float, alpha: float, factor: float) -> tuple[float, float]:
+    """One step of the exponentially weighted mean/variance (West 1979), exact mean while warming up.
+
+    The weight of a new sample is ``max(alpha, 1/(n+1)) * factor``: the first samples average
+    exactly, then the memory settles at the half-life the config asks for; ``factor`` < 1 slows
+    learning down while the stream looks anomalous.
+    """
+    weight = max(alpha, 1.0 / (n + 1.0)) * factor
+    delta = x - mean
+    return mean + weight * delta, (1.0 - weight) * (var + weight * delta * delta)
+
+
+@njit(**NJIT_OPTIONS)
+def score_of_q(q: float, z_scale2: float) -> float:
+    """Map a statistic in z² units to [0, 1]: 0.5 at z = z_scale, rising smoothly towards 1."""
+    return q / (q + z_scale2)
+
+
+@njit(**NJIT_OPTIONS)
+def channel_step(row: np.ndarray, regime: int, x: float, params: np.ndarray) -> float:
+    """Score ``x`` against the channel's baseline for ``regime``, then learn it; return the new q.
+
+    ``row`` is one channel's 16 float64 fields. Scoring comes first, so a sample never sees itself
+    (no look-ahead). While a regime has fewer than ``warmup`` samples its statistic q is 0.
+    """
+    base = 3 * regime
+    mean = row[base]
+    var = row[base + 1]
+    n = row[base + 2]
+    z_scale2 = params[P_Z_SCALE2]
+    detector = int(params[P_DETECTOR])
+    if row[CH_CUSUM_REGIME] != regime:
+        row[CH_CUSUM_POS] = 0.0
+        row[CH_CUSUM_NEG] = 0.0
+        row[CH_CUSUM_REGIME] = regime
+    q = 0.0
+    if n >= params[P_WARMUP]:
+        deviation = x - mean
+        floor = params[P_REL_FLOOR] * mean
+        var_eff = var + floor * floor + 1e-12
+        z2 = deviation * deviation / var_eff
+        q_z = z2
+        if detector != 0:
+            z = deviation / np.sqrt(var_eff)
+            drift = params[P_CUSUM_DRIFT]
+            cap = params[P_CUSUM_CAP]
+            pos = min(max(0.0, row[CH_CUSUM_POS] + z - drift), cap)
+            neg = min(max(0.0, row[CH_CUSUM_NEG] - z - drift), cap)
+            row[CH_CUSUM_POS] = pos
+            row[CH_CUSUM_NEG] = neg
+            q_c = max(pos, neg) / params[P_CUSUM_SCALE] * z_scale2
+            q = q_c if detector == 1 else max(q_z, q_c)
+        else:
+            q = q_z
+        q = min(q, Q_CAP)
+    score = score_of_q(q, z_scale2)
+    factor = 1.0
+    if n >= params[P_WARMUP] and score > params[P_LEARN_GATE]:
+        factor = params[P_GATED_FACTOR]  # an incident must not become the new normal while it lasts
+    learn_x = x
+    if n >= params[P_WARMUP]:
+        # Huber-style: learn at most LEARN_CLIP sigmas of a deviation, so a level shift is adopted
+        # gradually and one wild sample cannot blow the variance up
+        reach = LEARN_CLIP * np.sqrt(var + 1e-300)
+        learn_x = min(max(x, mean - reach), mean + reach)
+    new_mean, new_var = ew_update(mean, var, n, learn_x, params[P_ALPHA], factor)
+    row[base] = new_mean
+    row[base + 1] = new_var
+    row[base + 2] = n + 1.0
+    row[CH_SCORE] = score
+    if score > row[CH_PEAK]:
+        row[CH_PEAK] = score
+    old_q = row[CH_Q]
+    row[CH_Q] = q
+    return q - old_q
+
+
+@njit(**NJIT_OPTIONS)
+def combined_score(total: float, mean: float, var: float, n: float, params: np.ndarray) -> float:
+    """Device score from the sum of channel statistics, allowing for correlated channels.
+
+    Brown's method: the sum of correlated χ²-like terms is close to a scaled χ² whose degrees of
+    freedom ``f = 2·mean²/var`` come from the sum's own learned mean and variance (correlated
+    channels inflate the variance and so lower ``f``); the Wilson–Hilferty cube root turns it into
+    a normal z, scored like a channel.
+    """
+    if n < params[P_WARMUP]:
+        return 0.0
+    floor = 0.01 * mean
+    var_eff = var + floor * floor + 1e-12
+    if mean <= 1e-12:
+        return 0.0 if total <= 1e-9 else 1.0 - 1e-9
+    dof = 2.0 * mean * mean / var_eff
+    spread = 2.0 / (9.0 * dof)
+    z = (np.cbrt(total / mean) - (1.0 - spread)) / np.sqrt(spread)
+    if z <= 0.0:
+        return 0.0
+    return score_of_q(z * z, params[P_Z_SCALE2])
+
+
+@njit(**NJIT_OPTIONS)
+def device_tick(
+    d: int,
+    t_us: int,
+    chan: np.ndarray,
+    devf: np.ndarray,
+    devi: np.ndarray,
+    params: np.ndarray,
+    ev_device: np.ndarray,
+    ev_phase: np.ndarray,
+    ev_t: np.ndarray,
+    ev_score: np.ndarray,
+    ev_mask: np.ndarray,
+    n_events: int,
+) -> int:
+    """Close one device tick (its samples at one timestamp): combined score, baseline, hysteresis."""
+    total = max(devf[d, DF_SUM], 0.0)
+    mean = devf[d, DF_MEAN]
+    var = devf[d, DF_VAR]
+    n = devf[d, DF_N]
+    score = combined_score(total, mean, var, n, params)
+    factor = 1.0
+    if n >= params[P_WARMUP] and score > params[P_LEARN_GATE]:
+        factor = params[P_GATED_FACTOR]
+    learn_total = total
+    if n >= params[P_WARMUP]:
+        learn_total = min(total, mean + LEARN_CLIP * np.sqrt(var + 1e-300))
+    new_mean, new_var = ew_update(mean, var, n, learn_total, params[P_ALPHA], factor)
+    devf[d, DF_MEAN] = new_mean
+    devf[d, DF_VAR] = new_var
+    devf[d, DF_N] = n + 1.0
+    devf[d, DF_SCORE] = score
+    if score > devf[d, DF_PEAK]:
+        devf[d, DF_PEAK] = score
+    devi[d, DI_LAST_TICK_T] = t_us
+    if params[P_HISTORICAL] != 0.0:
+        return n_events
+    # hysteresis: event_min consecutive ticks over event_on open an event, as many under
+    # event_off close it, so one incident is one event however its score wobbles
+    needed = int(params[P_EVENT_MIN])
+    if devi[d, DI_EVENT_ACTIVE] == 0:
+        if score >= params[P_EVENT_ON]:
+            if devi[d, DI_EVENT_RUN] == 0:
+                devi[d, DI_EVENT_PENDING_T] = t_us
+            devi[d, DI_EVENT_RUN] += 1
+            if devi[d, DI_EVENT_RUN] >= needed:
+                mask = 0
+                off = params[P_EVENT_OFF]
+                for c in range(min(chan.shape[1], 63)):
+                    if chan[d, c, CH_SCORE] >= off:
+                        mask |= 1 << c
+                devi[d, DI_EVENT_ACTIVE] = 1
+                devi[d, DI_EVENT_RUN] = 0
+                devi[d, DI_EVENT_START_T] = devi[d, DI_EVENT_PENDING_T]
+                devi[d, DI_EVENT_MASK] = mask
+                devf[d, DF_EVENT_PEAK] = score
+                ev_device[n_events] = d
+                ev_phase[n_events] = 0
+                ev_t[n_events] = devi[d, DI_EVENT_PENDING_T]
+                ev_score[n_events] = score
+                ev_mask[n_events] = mask
+                n_events += 1
+        else:
+            devi[d, DI_EVENT_RUN] = 0
+    else:
+        if score > devf[d, DF_EVENT_PEAK]:
+            devf[d, DF_EVENT_PEAK] = score
+        if score < params[P_EVENT_OFF]:
+            if devi[d, DI_EVENT_RUN] == 0:
+                devi[d, DI_EVENT_PENDING_T] = t_us
+            devi[d, DI_EVENT_RUN] += 1
+            if devi[d, DI_EVENT_RUN] >= needed:
+                devi[d, DI_EVENT_ACTIVE] = 0
+                devi[d, DI_EVENT_RUN] = 0
+                ev_device[n_events] = d
+                ev_phase[n_events] = 1
+                ev_t[n_events] = devi[d, DI_EVENT_PENDING_T]
+                ev_score[n_events] = devf[d, DF_EVENT_PEAK]
+                ev_mask[n_events] = devi[d, DI_EVENT_MASK]
+                n_events += 1
+        else:
+            devi[d, DI_EVENT_RUN] = 0
+    return n_events
+
+
+# ================================================================================================
+# Utilization / OEE helpers
+# ================================================================================================
+
+
+@njit(**NJIT_OPTIONS)
+def bucket_add(
+    bid: np.ndarray, bval: np.ndarray, d: int, levels: np.ndarray, t_ms: int, field: int, amount: int
+) -> None:
+    """Add ``amount`` to ``field`` of the bucket holding ``t_ms`` on every level."""
+    for lv in range(levels.shape[0]):
+        size = levels[lv, LV_BUCKET_MS]
+        bucket = (t_ms - levels[lv, LV_ORIGIN_MS]) // size
+        slot = levels[lv, LV_OFFSET] + bucket % levels[lv, LV_COUNT]
+        if bid[d, slot] != bucket:
+            if bid[d, slot] > bucket:
+                continue  # the ring moved on: that bucket is out of every window already
+            bid[d, slot] = bucket
+            for f in range(bval.shape[2]):
+                bval[d, slot, f] = 0
+        bval[d, slot, field] += amount
+
+
+@njit(**NJIT_OPTIONS)
+def attribute_interval(
+    bid: np.ndarray,
+    bval: np.ndarray,
+    d: int,
+    levels: np.ndarray,
+    start_ms: int,
+    end_ms: int,
+    state: int,
+    sign: int,
+    hold_ms: int,
+) -> None:
+    """Add (sign=+1) or take back (sign=-1) the time ``[start, end)`` spent in ``state``.
+
+    A state holds for at most ``hold_ms`` after its sample; the rest of a longer gap is unknown
+    time and is attributed to nothing.
+    """
+    end_ms = min(end_ms, start_ms + hold_ms)
+    if end_ms <= start_ms:
+        return
+    producing = state == PRODUCING_STATE
+    busy = _PLANNED_BUSY[state] == 1
+    for lv in range(levels.shape[0]):
+        size = levels[lv, LV_BUCKET_MS]
+        origin = levels[lv, LV_ORIGIN_MS]
+        count = levels[lv, LV_COUNT]
+        first = (start_ms - origin) // size
+        last = (end_ms - 1 - origin) // size
+        # only the newest `count` buckets of the interval can still be in the ring
+        first = max(first, last - count + 1)
+        for bucket in range(first, last + 1):
+            lo = max(start_ms, origin + bucket * size)
+            hi = min(end_ms, origin + (bucket + 1) * size)
+            overlap = (hi - lo) * sign
+            slot = levels[lv, LV_OFFSET] + bucket % count
+            if bid[d, slot] != bucket:
+                if bid[d, slot] > bucket:
+                    continue
+                bid[d, slot] = bucket
+                for f in range(bval.shape[2]):
+                    bval[d, slot, f] = 0
+            bval[d, slot, BV_KNOWN_MS] += overlap
+            if busy:
+                bval[d, slot, BV_BUSY_MS] += overlap
+            if producing:
+                bval[d, slot, BV_PRODUCING_MS] += overlap
+
+
+@njit(**NJIT_OPTIONS)
+def state_sample(
+    d: int,
+    t_ms: int,
+    code: int,
+    st_t: np.ndarray,
+    st_code: np.ndarray,
+    devi: np.ndarray,
+    bid: np.ndarray,
+    bval: np.ndarray,
+    levels: np.ndarray,
+    hold_ms: int,
+) -> bool:
+    """Put a state sample in its place in the device's reorder buffer; False if it is too late.
+
+    The buffer keeps the newest ``depth`` state points in time order. A sample between two of them
+    takes back the interval it splits and attributes the two halves; a sample older than a full
+    buffer's oldest point cannot be placed exactly and is refused (counted as late).
+    """
+    depth = st_t.shape[1]
+    count = devi[d, DI_STATE_COUNT]
+    if count == 0:
+        st_t[d, 0] = t_ms
+        st_code[d, 0] = code
+        devi[d, DI_STATE_COUNT] = 1
+        devi[d, DI_FIRST_STATE_MS] = t_ms
+        return True
+    last = count - 1
+    if t_ms > st_t[d, last]:
+        attribute_interval(bid, bval, d, levels, st_t[d, last], t_ms, st_code[d, last], 1, hold_ms)
+        if count == depth:
+            for i in range(depth - 1):
+                st_t[d, i] = st_t[d, i + 1]
+                st_code[d, i] = st_code[d, i + 1]
+            st_t[d, last] = t_ms
+            st_code[d, last] = code
+        else:
+            st_t[d, count] = t_ms
+            st_code[d, count] = code
+            devi[d, DI_STATE_COUNT] = count + 1
+        return True
+    # not newer than the newest point: find the first point at or after t
+    pos = 0
+    while st_t[d, pos] < t_ms:
+        pos += 1
+    if st_t[d, pos] == t_ms:
+        old = st_code[d, pos]
+        if old != code:
+            if pos < last:
+                attribute_interval(bid, bval, d, levels, t_ms, st_t[d, pos + 1], old, -1, hold_ms)
+                attribute_interval(bid, bval, d, levels, t_ms, st_t[d, pos + 1], code, 1, hold_ms)
+            st_code[d, pos] = code
+        return True
+    if pos == 0:
+        if count == depth:
+            return False
+        attribute_interval(bid, bval, d, levels, t_ms, st_t[d, 0], code, 1, hold_ms)
+        devi[d, DI_FIRST_STATE_MS] = min(devi[d, DI_FIRST_STATE_MS], t_ms)
+    else:
+        before = st_code[d, pos - 1]
+        attribute_interval(bid, bval, d, levels, st_t[d, pos - 1], st_t[d, pos], before, -1, hold_ms)
+        attribute_interval(bid, bval, d, levels, st_t[d, pos - 1], t_ms, before, 1, hold_ms)
+        attribute_interval(bid, bval, d, levels, t_ms, st_t[d, pos], code, 1, hold_ms)
+    # insert at pos; a full buffer drops its oldest point
+    if count == depth:
+        for i in range(pos - 1):
+            st_t[d, i] = st_t[d, i + 1]
+            st_code[d, i] = st_code[d, i + 1]
+        st_t[d, pos - 1] = t_ms
+        st_code[d, pos - 1] = code
+    else:
+        for i in range(count, pos, -1):
+            st_t[d, i] = st_t[d, i - 1]
+            st_code[d, i] = st_code[d, i - 1]
+        st_t[d, pos] = t_ms
+        st_code[d, pos] = code
+        devi[d, DI_STATE_COUNT] = count + 1
+    return True
+
+
+@njit(**NJIT_OPTIONS)
+def counter_sample(
+    d: int,
+    which: int,
+    t_ms: int,
+    value: float,
+    devf: np.ndarray,
+    devi: np.ndarray,
+    bid: np.ndarray,
+    bval: np.ndarray,
+    levels: np.ndarray,
+    field: int,
+) -> int:
+    """A cumulative counter value: 0 accepted, 1 late (older than the last value), 2 invalid.
+
+    The increment since the previous value goes to the bucket of this sample; a value below the
+    previous one is a counter reset (agent restart), counted from zero. A late value's increment is
+    already inside the newer cumulative value, so dropping it loses no units.
+    """
+    if value < 0.0:
+        return 2
+    last_t = devi[d, DI_COUNTER_T + which]
+    if last_t == -1:
+        devi[d, DI_COUNTER_T + which] = t_ms
+        devf[d, DF_COUNTER + which] = value
+        return 0
+    if t_ms < last_t:
+        return 1
+    previous = devf[d, DF_COUNTER + which]
+    if t_ms == last_t:
+        return 0 if value == previous else 1
+    increment = value - previous if value >= previous else value
+    devi[d, DI_COUNTER_T + which] = t_ms
+    devf[d, DF_COUNTER + which] = value
+    amount = int(np.floor(increment + 0.5))
+    if amount != 0:
+        bucket_add(bid, bval, d, levels, t_ms, field, amount)
+    return 0
+
+
+# ================================================================================================
+# The driver
+# ================================================================================================
+
+
+@njit(**NJIT_OPTIONS)
+def ingest_batch(
+    device: np.ndarray,
+    channel: np.ndarray,
+    t_us: np.ndarray,
+    values: np.ndarray,
+    n_devices: int,
+    role: np.ndarray,
+    chan: np.ndarray,
+    devf: np.ndarray,
+    devi: np.ndarray,
+    st_t: np.ndarray,
+    st_code: np.ndarray,
+    bid: np.ndarray,
+    bval: np.ndarray,
+    levels: np.ndarray,
+    params: np.ndarray,
+    stats: np.ndarray,
+    ev_device: np.ndarray,
+    ev_phase: np.ndarray,
+    ev_t: np.ndarray,
+    ev_score: np.ndarray,
+    ev_mask: np.ndarray,
+    tick_scores: np.ndarray,
+) -> int:
+    """Process one batch; return the number of events written to the ``ev_*`` arrays.
+
+    A device tick is a run of consecutive samples with the same device and timestamp; the combined
+    device score is computed once per tick, after all its channels have been scored. When
+    ``tick_scores`` has one slot per sample, each tick's device score is written at the index of
+    the tick's last sample (offline scoring); pass an empty array otherwise.
+    """
+    record = tick_scores.shape[0] == device.shape[0]
+    tick_last = 0
+    n_events = 0
+    n_channels = role.shape[1]
+    hold_ms = int(params[P_HOLD_MS])
+    tick_device = -1
+    tick_t = 0
+    tick_scored = False
+    for i in range(device.shape[0]):
+        d = device[i]
+        c = channel[i]
+        t = t_us[i]
+        if tick_device >= 0 and (d != tick_device or t != tick_t):
+            if tick_scored:
+                n_events = device_tick(
+                    tick_device,
+                    tick_t,
+                    chan,
+                    devf,
+                    devi,
+                    params,
+                    ev_device,
+                    ev_phase,
+                    ev_t,
+                    ev_score,
+                    ev_mask,
+                    n_events,
+                )
+                if record:
+                    tick_scores[tick_last] = devf[tick_device, DF_SCORE]
+            tick_device = -1
+            tick_scored = False
+        if d < 0 or d >= n_devices or c < 0 or c >= n_channels or role[d, c] == ROLE_UNUSED:
+            stats[ST_INDEX] += 1
+            continue
+        x = values[i]
+        if not np.isfinite(x):
+            stats[ST_NONFINITE] += 1
+            continue
+        r = role[d, c]
+        if t > stats[ST_MAX_T]:
+            stats[ST_MAX_T] = t
+        if t // 1000 > devi[d, DI_LAST_SEEN_MS]:
+            devi[d, DI_LAST_SEEN_MS] = t // 1000
+        if r == ROLE_ANALOG:
+            row = chan[d, c]
+            if t < row[CH_LAST_T]:
+                stats[ST_LATE] += 1
+                continue
+            stats[ST_ACCEPTED] += 1
+            if t == row[CH_LAST_T]:
+                continue  # a replayed duplicate: already learned
+            row[CH_LAST_T] = t
+            regime = 0
+            if devi[d, DI_STATE_COUNT] > 0:
+                regime = _REGIME_OF_STATE[st_code[d, devi[d, DI_STATE_COUNT] - 1]]
+            # the device baseline learns only from ticks with a warmed-up channel, so the sum does
+            # not jump when channels leave their warm-up
+            warm = row[3 * regime + 2] >= params[P_WARMUP]
+            devf[d, DF_SUM] += channel_step(row, regime, x, params)
+            tick_device = d
+            tick_t = t
+            tick_last = i
+            tick_scored = tick_scored or warm
+        elif r == ROLE_STATE:
+            code = int(x)
+            if code != x or code < 0 or code >= N_STATES:
+                stats[ST_VALUE] += 1
+                continue
+            if state_sample(d, t // 1000, code, st_t, st_code, devi, bid, bval, levels, hold_ms):
+                stats[ST_ACCEPTED] += 1
+            else:
+                stats[ST_LATE] += 1
+        elif ROLE_PRODUCED <= r <= ROLE_SCRAP:  # the three cumulative counters
+            which = r - ROLE_PRODUCED
+            field = BV_PRODUCED if r == ROLE_PRODUCED else BV_GOOD if r == ROLE_GOOD else BV_SCRAP
+            outcome = counter_sample(d, which, t // 1000, x, devf, devi, bid, bval, levels, field)
+            if outcome == 0:
+                stats[ST_ACCEPTED] += 1
+                if r == ROLE_GOOD:
+                    devi[d, DI_HAS_GOOD] = 1
+            elif outcome == 1:
+                stats[ST_LATE] += 1
+            else:
+                stats[ST_VALUE] += 1
+        elif r == ROLE_LAYER_PROGRESS:
+            if x < 0.0 or x > 1.0:
+                stats[ST_VALUE] += 1
+                continue
+            stats[ST_ACCEPTED] += 1
+            if t >= devi[d, DI_LAYER_T]:
+                devi[d, DI_LAYER_T] = t
+                devf[d, DF_LAYER_PROGRESS] = x
+        else:
+            stats[ST_ACCEPTED] += 1
+    if tick_device >= 0 and tick_scored:
+        n_events = device_tick(
+            tick_device, tick_t, chan, devf, devi, params, ev_device, ev_phase, ev_t, ev_score, ev_mask, n_events
+        )
+        if record:
+            tick_scores[tick_last] = devf[tick_device, DF_SCORE]
+    return n_events
+
+
+@njit(**NJIT_OPTIONS)
+def batch_is_ordered(device: np.ndarray, t_us: np.ndarray) -> bool:
+    """True when the batch needs no sorting: time never goes back within a run of one device and
+    a device does not reappear after another one, or time never goes back over the whole batch."""
+    n = device.shape[0]
+    globally = True
+    for i in range(1, n):
+        if t_us[i] < t_us[i - 1]:
+            globally = False
+            break
+    if globally:
+        return True
+    for i in range(1, n):
+        if device[i] < device[i - 1] or (device[i] == device[i - 1] and t_us[i] < t_us[i - 1]):
+            return False
+    return True
+
+
+# ================================================================================================
+# Queries
+# ================================================================================================
+
+
+@njit(**NJIT_OPTIONS)
+def window_totals(
+    bid: np.ndarray,
+    bval: np.ndarray,
+    levels: np.ndarray,
+    level: int,
+    now_ms: int,
+    st_t: np.ndarray,
+    st_code: np.ndarray,
+    devi: np.ndarray,
+    hold_ms: int,
+    silence_ms: int,
+    out: np.ndarray,
+) -> None:
+    """Per device: the bucket sums of one level's window ending at ``now_ms``, plus the still-open
+    state interval ``[last state sample, now)``, and in ``out[:, 6]`` the calendar time (ms) the
+    window covers for that device (from the window start or the device's first state, if later).
+
+    The window is the level's whole ring: the current bucket and the ``count - 1`` before it (for
+    15 min in 1-min buckets: the current minute and the 15 before it, so it spans 15 to 16 min).
+    """
+    size = levels[level, LV_BUCKET_MS]
+    origin = levels[level, LV_ORIGIN_MS]
+    count = levels[level, LV_COUNT]
+    offset = levels[level, LV_OFFSET]
+    current = (now_ms - origin) // size
+    oldest = current - count + 1
+    window_start = origin + oldest * size
+    for d in range(out.shape[0]):
+        for f in range(out.shape[1]):
+            out[d, f] = 0.0
+        for k in range(count):
+            slot = offset + k
+            b = bid[d, slot]
+            if oldest <= b <= current:
+                for f in range(bval.shape[2]):
+                    out[d, f] += bval[d, slot, f]
+        n_points = devi[d, DI_STATE_COUNT]
+        if n_points == 0:
+            continue
+        last_t = st_t[d, n_points - 1]
+        state = st_code[d, n_points - 1]
+        lo = max(last_t, window_start)
+        hi = min(now_ms, last_t + hold_ms, max(devi[d, DI_LAST_SEEN_MS], last_t) + silence_ms)
+        if hi > lo:
+            out[d, BV_KNOWN_MS] += hi - lo
+            if _PLANNED_BUSY[state] == 1:
+                out[d, BV_BUSY_MS] += hi - lo
+            if state == PRODUCING_STATE:
+                out[d, BV_PRODUCING_MS] += hi - lo
+        start = max(window_start, devi[d, DI_FIRST_STATE_MS])
+        out[d, 6] = max(now_ms - start, 0)

@@ -1,0 +1,148 @@
+"""Where every number of the fleet state lives: field offsets, channel roles, regimes.
+
+The state is a handful of numpy arrays (struct of arrays at the fleet level); the kernels index
+them with the constants below, which numba folds in at compile time.
+
+Per channel (``chan[device, slot, :]``, float64, 16 fields = 128 bytes = two cache lines): the
+detector state of one channel. One device's channels follow each other, so the samples of one
+MQTT message touch one contiguous block of ``channels × 128`` bytes, and a random sample touches
+exactly the two cache lines of its channel (the array base is 64-byte aligned).
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from forgeline.contract.vocabulary import DeviceState
+
+# ---- channel roles (``role[device, slot]``, int8) --------------------------------------------
+ROLE_UNUSED: Final = 0
+ROLE_ANALOG: Final = 1  # feeds the anomaly detectors
+ROLE_STATE: Final = 2  # DeviceState code, feeds utilization/OEE and the regime
+ROLE_PRODUCED: Final = 3  # cumulative counters
+ROLE_GOOD: Final = 4
+ROLE_SCRAP: Final = 5
+ROLE_LAYER_PROGRESS: Final = 6  # share of the build done, feeds fill_realised
+ROLE_IGNORED: Final = 7  # 'layer' and other layer* channels: monotone by design, not scored
+
+COUNTER_ROLES: Final = {"produced_total": ROLE_PRODUCED, "good_total": ROLE_GOOD, "scrap_total": ROLE_SCRAP}
+
+
+def role_of_channel(name: str) -> int:
+    """The role a channel name implies.
+
+    >>> role_of_channel("state"), role_of_channel("nozzle_temp"), role_of_channel("layer")
+    (2, 1, 7)
+    """
+    if name == "state":
+        return ROLE_STATE
+    if name in COUNTER_ROLES:
+        return COUNTER_ROLES[name]
+    if name == "layer_progress":
+        return ROLE_LAYER_PROGRESS
+    if name.startswith("layer"):
+        return ROLE_IGNORED
+    return ROLE_ANALOG
+
+
+# ---- regimes: state-aware baselines ---------------------------------------------------------
+# A heating printer is not a printing printer: each channel keeps one baseline per regime.
+N_REGIMES: Final = 3
+REGIME_REST: Final = 0  # offline, idle, paused, error, maintenance, or no state reported
+REGIME_TRANSITION: Final = 1  # heating
+REGIME_PRODUCING: Final = 2  # printing / producing
+REGIME_OF_STATE: Final = tuple(
+    REGIME_PRODUCING if s is DeviceState.PRINTING else REGIME_TRANSITION if s is DeviceState.HEATING else REGIME_REST
+    for s in DeviceState
+)
+N_STATES: Final = len(DeviceState)
+PRODUCING_STATE: Final = int(DeviceState.PRINTING)
+PLANNED_BUSY: Final = tuple(1 if s.planned_busy else 0 for s in DeviceState)
+
+# ---- per-channel fields: chan[device, slot, FIELD] (float64) -----------------------------------
+# Regime r uses [3r] mean, [3r + 1] variance, [3r + 2] sample count.
+CH_CUSUM_POS: Final = 9
+CH_CUSUM_NEG: Final = 10
+CH_CUSUM_REGIME: Final = 11  # the regime the CUSUM sums belong to (reset on a regime change)
+CH_Q: Final = 12  # the channel's last statistic in z² units (its share of the device sum)
+CH_SCORE: Final = 13  # last channel score in [0, 1]
+CH_LAST_T: Final = 14  # last accepted timestamp, µs (exact in float64 until the year 2255)
+CH_PEAK: Final = 15  # highest channel score since the last read
+CH_FIELDS: Final = 16
+
+# ---- per-device float fields: devf[device, FIELD] ----------------------------------------------
+DF_SUM: Final = 0  # sum over channels of CH_Q
+DF_MEAN: Final = 1  # baseline of DF_SUM
+DF_VAR: Final = 2
+DF_N: Final = 3
+DF_SCORE: Final = 4  # combined device score of the last tick
+DF_PEAK: Final = 5  # highest device score since the last read
+DF_EVENT_PEAK: Final = 6
+DF_PLANNED_CYCLE_S: Final = 7  # NaN when unknown
+DF_COUNTER: Final = 8  # 8, 9, 10: last value of produced, good, scrap
+DF_LAYER_PROGRESS: Final = 11
+DF_FIELDS: Final = 12
+
+# ---- per-device integer fields: devi[device, FIELD] --------------------------------------------
+DI_STATE_COUNT: Final = 0  # valid points in the state reorder buffer
+DI_FIRST_STATE_MS: Final = 1
+DI_COUNTER_T: Final = 2  # 2, 3, 4: time (ms) of the last value of produced, good, scrap; -1 = none
+DI_HAS_GOOD: Final = 5
+DI_LAYER_T: Final = 6  # time (µs) of the layer progress value; -1 = none
+DI_EVENT_ACTIVE: Final = 7
+DI_EVENT_RUN: Final = 8  # consecutive ticks across the threshold in force
+DI_EVENT_PENDING_T: Final = 9  # µs of the first of those ticks
+DI_EVENT_START_T: Final = 10
+DI_EVENT_MASK: Final = 11  # channels (bit = slot) over event_off when the event started
+DI_LAST_TICK_T: Final = 12
+DI_LAST_SEEN_MS: Final = 13  # newest accepted sample of any channel
+DI_FIELDS: Final = 14
+
+# ---- rolling-window bucket fields: bval[device, bucket, FIELD] (int32; times in ms) -----------
+BV_PRODUCING_MS: Final = 0
+BV_BUSY_MS: Final = 1
+BV_KNOWN_MS: Final = 2
+BV_PRODUCED: Final = 3
+BV_GOOD: Final = 4
+BV_SCRAP: Final = 5
+BV_FIELDS: Final = 6
+
+# levels[level, FIELD] (int64): one row per rolling window and one for shifts
+LV_OFFSET: Final = 0  # first bucket of the level in the bucket axis
+LV_COUNT: Final = 1
+LV_BUCKET_MS: Final = 2
+LV_ORIGIN_MS: Final = 3
+LV_FIELDS: Final = 4
+SHIFT_BUCKETS: Final = 3  # current, previous and the one before
+
+# ---- parameter vector: params[P] (float64) -----------------------------------------------------
+P_ALPHA: Final = 0
+P_WARMUP: Final = 1
+P_Z_SCALE2: Final = 2
+P_CUSUM_DRIFT: Final = 3
+P_CUSUM_SCALE: Final = 4
+P_CUSUM_CAP: Final = 5
+P_LEARN_GATE: Final = 6
+P_GATED_FACTOR: Final = 7
+P_REL_FLOOR: Final = 8
+P_EVENT_ON: Final = 9
+P_EVENT_OFF: Final = 10
+P_EVENT_MIN: Final = 11
+P_HOLD_MS: Final = 12
+P_DETECTOR: Final = 13  # 0 zscore, 1 cusum, 2 ensemble
+P_HISTORICAL: Final = 14  # 1.0: replayed data, learns but opens/closes no events
+P_SILENCE_MS: Final = 15
+P_FIELDS: Final = 16
+
+DETECTOR_CODES: Final = {"zscore": 0, "cusum": 1, "ensemble": 2}
+Q_CAP: Final = 1.0e6  # one broken channel must not swamp the device sum forever
+NO_TIME: Final = -(2**62)
+
+# ---- stats[S] (int64) ----------------------------------------------------------------------------
+ST_ACCEPTED: Final = 0
+ST_NONFINITE: Final = 1
+ST_INDEX: Final = 2
+ST_LATE: Final = 3
+ST_VALUE: Final = 4  # a state code or counter that is not a valid value
+ST_MAX_T: Final = 5  # newest accepted timestamp (µs), carried from batch to batch
+ST_FIELDS: Final = 6
