@@ -578,10 +578,10 @@ def ingest_batch(
             tick_last = i
             tick_scored = tick_scored or warm
         elif r == ROLE_STATE:
-            code = int(x)
-            if code != x or code < 0 or code >= N_STATES:
+            if x < 0.0 or x >= N_STATES or x != np.floor(x):
                 stats[ST_VALUE] += 1
                 continue
+            code = int(x)
             if state_sample(d, t // 1000, code, st_t, st_code, devi, bid, bval, levels, hold_ms):
                 stats[ST_ACCEPTED] += 1
             else:

@@ -1,0 +1,306 @@
+"""Slow, obviously-correct twins of the kernels, in plain Python (dicts, lists, one sample at a time).
+
+Used only by the tests (and the benchmark's baseline). Where the kernel keeps rings and reorder
+buffers, the reference keeps the whole history and integrates it directly, so a mistake in the
+kernel's bookkeeping (buckets, ring eviction, out-of-order insertion) shows up as a difference.
+The detector maths is the same formula written the plain way, one channel object at a time.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from twin.core.config import CoreConfig
+from twin.core.layout import (
+    COUNTER_ROLES,
+    DETECTOR_CODES,
+    N_REGIMES,
+    PLANNED_BUSY,
+    PRODUCING_STATE,
+    Q_CAP,
+    REGIME_OF_STATE,
+    ROLE_ANALOG,
+    ROLE_LAYER_PROGRESS,
+    ROLE_STATE,
+    role_of_channel,
+)
+
+LEARN_CLIP = 3.0
+
+
+def ew_step(mean: float, var: float, n: float, x: float, alpha: float, factor: float) -> tuple[float, float]:
+    weight = max(alpha, 1.0 / (n + 1.0)) * factor
+    delta = x - mean
+    return mean + weight * delta, (1.0 - weight) * (var + weight * delta * delta)
+
+
+@dataclass
+class RefChannel:
+    """One detector channel: a baseline per regime and a two-sided CUSUM."""
+
+    mean: list[float] = field(default_factory=lambda: [0.0] * N_REGIMES)
+    var: list[float] = field(default_factory=lambda: [0.0] * N_REGIMES)
+    n: list[float] = field(default_factory=lambda: [0.0] * N_REGIMES)
+    pos: float = 0.0
+    neg: float = 0.0
+    cusum_regime: int = -1
+    q: float = 0.0
+    score: float = 0.0
+    last_t: float = -math.inf
+
+    def step(self, regime: int, x: float, cfg: CoreConfig) -> float:
+        """Score then learn; return the change of q."""
+        detector = DETECTOR_CODES[cfg.detector]
+        z_scale2 = cfg.z_scale**2
+        mean, var, n = self.mean[regime], self.var[regime], self.n[regime]
+        if self.cusum_regime != regime:
+            self.pos = self.neg = 0.0
+            self.cusum_regime = regime
+        q = 0.0
+        warm = n >= cfg.warmup_samples
+        if warm:
+            floor = cfg.relative_noise_floor * mean
+            var_eff = var + floor * floor + 1e-12
+            deviation = x - mean
+            q_z = deviation * deviation / var_eff
+            if detector == 0:
+                q = q_z
+            else:
+                z = deviation / math.sqrt(var_eff)
+                cap = cfg.cusum_scale * 4.0
+                self.pos = min(max(0.0, self.pos + z - cfg.cusum_drift), cap)
+                self.neg = min(max(0.0, self.neg - z - cfg.cusum_drift), cap)
+                q_c = max(self.pos, self.neg) / cfg.cusum_scale * z_scale2
+                q = q_c if detector == 1 else max(q_z, q_c)
+            q = min(q, Q_CAP)
+        score = q / (q + z_scale2)
+        factor = cfg.gated_learn_factor if warm and score > cfg.learn_gate else 1.0
+        learn_x = x
+        if warm:
+            reach = LEARN_CLIP * math.sqrt(var + 1e-300)
+            learn_x = min(max(x, mean - reach), mean + reach)
+        self.mean[regime], self.var[regime] = ew_step(mean, var, n, learn_x, cfg.alpha, factor)
+        self.n[regime] = n + 1.0
+        self.score = score
+        change = q - self.q
+        self.q = q
+        return change
+
+
+def combined(total: float, mean: float, var: float, n: float, cfg: CoreConfig) -> float:
+    """Brown's method + Wilson–Hilferty, as in :func:`twin.core.kernels.combined_score`."""
+    if n < cfg.warmup_samples:
+        return 0.0
+    floor = 0.01 * mean
+    var_eff = var + floor * floor + 1e-12
+    if mean <= 1e-12:
+        return 0.0 if total <= 1e-9 else 1.0 - 1e-9
+    dof = 2.0 * mean * mean / var_eff
+    spread = 2.0 / (9.0 * dof)
+    z = (math.cbrt(total / mean) - (1.0 - spread)) / math.sqrt(spread)
+    return 0.0 if z <= 0.0 else z * z / (z * z + cfg.z_scale**2)
+
+
+@dataclass
+class RefDevice:
+    channels: dict[int, RefChannel] = field(default_factory=dict)
+    total: float = 0.0
+    mean: float = 0.0
+    var: float = 0.0
+    n: float = 0.0
+    score: float = 0.0
+    active: bool = False
+    run: int = 0
+    pending_t: int = 0
+    event_peak: float = 0.0
+    # utilization: every accepted state point (t_ms -> code) and counter increments
+    states: dict[int, int] = field(default_factory=dict)
+    counters: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    increments: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
+    last_seen_ms: int = 0
+
+
+class ReferenceFleet:
+    """Processes samples one by one the plain way; same observable results as FleetCore."""
+
+    def __init__(self, channel_names: list[list[str]], config: CoreConfig | None = None):
+        self.cfg = config or CoreConfig()
+        self.names = channel_names
+        self.devices = [RefDevice() for _ in channel_names]
+        self.events: list[tuple[int, str, int, float]] = []
+        self.stats = {"accepted": 0, "rejected_nonfinite": 0, "rejected_index": 0, "late": 0, "rejected_value": 0}
+
+    # ---- ingest -----------------------------------------------------------------------------------
+
+    def ingest(self, samples: list[tuple[int, int, int, float]], historical: bool = False) -> None:
+        """``samples``: (device, slot, t_us, value) in processing order (sorted as FleetCore sorts)."""
+        tick: tuple[int, int] | None = None
+        tick_warm = False
+        for d, c, t, x in samples:
+            if tick is not None and (d, t) != tick:
+                if tick_warm:
+                    self._tick(tick[0], tick[1], historical)
+                tick, tick_warm = None, False
+            if not (0 <= d < len(self.devices)) or not (0 <= c < len(self.names[d])):
+                self.stats["rejected_index"] += 1
+                continue
+            if not math.isfinite(x):
+                self.stats["rejected_nonfinite"] += 1
+                continue
+            dev = self.devices[d]
+            name = self.names[d][c]
+            role = role_of_channel(name)
+            self._seen(dev, t)
+            if role == ROLE_ANALOG:
+                channel = dev.channels.setdefault(c, RefChannel())
+                if t < channel.last_t:
+                    self.stats["late"] += 1
+                    continue
+                self.stats["accepted"] += 1
+                if t == channel.last_t:
+                    continue
+                channel.last_t = t
+                regime = self._regime(dev)
+                warm = channel.n[regime] >= self.cfg.warmup_samples
+                dev.total += channel.step(regime, x, self.cfg)
+                tick = (d, t)
+                tick_warm = tick_warm or warm
+            elif role == ROLE_STATE:
+                if not 0 <= x < len(PLANNED_BUSY) or x != int(x):
+                    self.stats["rejected_value"] += 1
+                    continue
+                self._state(dev, t // 1000, int(x))
+            elif name in COUNTER_ROLES:
+                self._counter(dev, name, t // 1000, x)
+            elif role == ROLE_LAYER_PROGRESS and not 0.0 <= x <= 1.0:
+                self.stats["rejected_value"] += 1
+            else:
+                self.stats["accepted"] += 1
+        if tick is not None and tick_warm:
+            self._tick(tick[0], tick[1], historical)
+
+    @staticmethod
+    def _seen(dev: RefDevice, t_us: int) -> None:
+        dev.last_seen_ms = max(dev.last_seen_ms, t_us // 1000)
+
+    @staticmethod
+    def _regime(dev: RefDevice) -> int:
+        if not dev.states:
+            return 0
+        return REGIME_OF_STATE[dev.states[max(dev.states)]]
+
+    def _state(self, dev: RefDevice, t_ms: int, code: int) -> None:
+        newest = sorted(dev.states, reverse=True)[: self.cfg.reorder_depth]
+        if len(newest) == self.cfg.reorder_depth and t_ms < newest[-1]:
+            self.stats["late"] += 1
+            return
+        dev.states[t_ms] = code
+        self.stats["accepted"] += 1
+
+    def _counter(self, dev: RefDevice, name: str, t_ms: int, value: float) -> None:
+        if value < 0:
+            self.stats["rejected_value"] += 1
+            return
+        history = dev.counters.setdefault(name, [])
+        if not history or t_ms > history[-1][0]:
+            if history:
+                previous = history[-1][1]
+                increment = value - previous if value >= previous else value
+                dev.increments.setdefault(name, []).append((t_ms, math.floor(increment + 0.5)))
+            history.append((t_ms, value))
+            self.stats["accepted"] += 1
+        elif t_ms == history[-1][0] and value == history[-1][1]:
+            self.stats["accepted"] += 1
+        else:
+            self.stats["late"] += 1
+
+    def _tick(self, d: int, t: int, historical: bool) -> None:
+        dev = self.devices[d]
+        cfg = self.cfg
+        total = max(dev.total, 0.0)
+        score = combined(total, dev.mean, dev.var, dev.n, cfg)
+        warm = dev.n >= cfg.warmup_samples
+        factor = cfg.gated_learn_factor if warm and score > cfg.learn_gate else 1.0
+        learn_total = min(total, dev.mean + LEARN_CLIP * math.sqrt(dev.var + 1e-300)) if warm else total
+        dev.mean, dev.var = ew_step(dev.mean, dev.var, dev.n, learn_total, cfg.alpha, factor)
+        dev.n += 1.0
+        dev.score = score
+        if historical:
+            return
+        crossing = score >= cfg.event_on if not dev.active else score < cfg.event_off
+        if dev.active:
+            dev.event_peak = max(dev.event_peak, score)
+        if not crossing:
+            dev.run = 0
+            return
+        if dev.run == 0:
+            dev.pending_t = t
+        dev.run += 1
+        if dev.run >= cfg.event_min_samples:
+            dev.run = 0
+            if dev.active:
+                self.events.append((d, "end", dev.pending_t, dev.event_peak))
+            else:
+                dev.event_peak = score
+                self.events.append((d, "start", dev.pending_t, score))
+            dev.active = not dev.active
+
+    # ---- queries ---------------------------------------------------------------------------------
+
+    def window_totals(self, d: int, length_s: int | None, now_us: int, shift: bool = False) -> dict[str, float]:
+        """Integrate the whole state history over the window, the long way."""
+        cfg = self.cfg
+        dev = self.devices[d]
+        if shift:
+            size, count, origin = cfg.shift_length_s * 1000, 3, cfg.shift_origin_s * 1000
+        else:
+            spec = next(w for w in cfg.windows if w.length_s == length_s)
+            size, count, origin = spec.bucket_s * 1000, spec.n_buckets, 0
+        now_ms = now_us // 1000
+        current = (now_ms - origin) // size
+        start = origin + (current - count + 1) * size
+        end = origin + (current + 1) * size
+        out = {"producing": 0.0, "busy": 0.0, "known": 0.0, "produced": 0.0, "good": 0.0, "scrap": 0.0}
+        points = sorted(dev.states.items())
+        hold = cfg.state_hold_s * 1000
+        for i, (t, code) in enumerate(points):
+            if i + 1 < len(points):
+                stop = min(points[i + 1][0], t + hold)
+                lo, hi = max(t, start), min(stop, end)
+            else:
+                stop = min(now_ms, t + hold, max(dev.last_seen_ms, t) + cfg.silence_s * 1000)
+                lo, hi = max(t, start), stop
+            if hi <= lo:
+                continue
+            out["known"] += hi - lo
+            if PLANNED_BUSY[code]:
+                out["busy"] += hi - lo
+            if code == PRODUCING_STATE:
+                out["producing"] += hi - lo
+        for name, key in (("produced_total", "produced"), ("good_total", "good"), ("scrap_total", "scrap")):
+            out[key] = float(sum(a for t, a in dev.increments.get(name, []) if start <= t < end))
+        out["calendar"] = float(max(now_ms - max(start, min(dev.states)), 0)) if dev.states else 0.0
+        return out
+
+    def device_score(self, d: int) -> float:
+        return self.devices[d].score
+
+    def channel_score(self, d: int, c: int) -> float:
+        channel = self.devices[d].channels.get(c)
+        return 0.0 if channel is None else channel.score
+
+
+def reference_scores(rows: list[list[float]], config: CoreConfig | None = None) -> list[float]:
+    """Device score per row of a table (the offline scorer's contract), the slow way."""
+    width = len(rows[0]) if rows else 0
+    fleet = ReferenceFleet([[f"x_{i}" for i in range(width)]], config)
+    scores: list[float] = []
+    last = 0.0
+    for r, row in enumerate(rows):
+        before = fleet.devices[0].n
+        fleet.ingest([(0, c, (r + 1) * 1_000_000, v) for c, v in enumerate(row)])
+        if fleet.devices[0].n != before:
+            last = fleet.devices[0].score
+        scores.append(last)
+    return scores
