@@ -5,8 +5,9 @@ password with a 12-byte random SALT, both base64 encoded. The broker reads the i
 the entry; ``mosquitto_passwd`` 2.0 writes 101, we write :data:`DEFAULT_ITERATIONS`. Mosquitto
 hashes on its single event-loop thread at every CONNECT, so iterations are paid by every client
 during a reconnect storm: 10 000 added 3-12 ms per CONNECT over 101 in our runs
-(``bench/security_overhead.py``), 1 000 under 1 ms. Generated passwords carry 192 random bits, for which the iteration count adds
-nothing; it only slows guessing of human-chosen passwords from a stolen file.
+(``bench/security_overhead.py``), 1 000 under 1 ms. Generated passwords carry 192 random bits,
+for which the iteration count adds nothing; it only slows guessing of human-chosen passwords from
+a stolen file.
 
 Example::
 
