@@ -241,6 +241,22 @@ def device_filter(kind: Kind | str, tenant: str = "+") -> str:
     return f"{PREFIX}/{tenant}/{kind.value}/{tail}"
 
 
+def feedback_filter(tenant: str = "+", model: str = "+") -> str:
+    """A filter for feedback of every revision of ``model`` (or every model with ``+``), in one tenant or all."""
+    if tenant != "+":
+        check_tenant(tenant)
+    if model != "+":
+        check_ident(model, "model")
+    return f"{PREFIX}/{tenant}/feedback/{model}/+"
+
+
+def insights_filter(tenant: str = "+") -> str:
+    """A filter for the insights of every model (in one tenant, or in all with ``+``)."""
+    if tenant != "+":
+        check_tenant(tenant)
+    return f"{PREFIX}/{tenant}/insights/+"
+
+
 def shared(group: str, topic_filter: str) -> str:
     """An MQTT 5 shared subscription (``$share/group/filter``), served by Mosquitto 2 and EMQX."""
     return f"$share/{check_ident(group, 'share group')}/{topic_filter}"

@@ -216,7 +216,7 @@ def hodges_lehmann(
     revision: ArrayLike,
     confidence: float = 0.95,
     *,
-    max_per_group: int = 1000,
+    max_per_group: int = 500,
     seed: int = 0,
 ) -> Shift:
     """Median of all pairwise differences ``y_j - x_i`` and the Moses interval around it.
