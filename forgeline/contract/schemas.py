@@ -120,7 +120,14 @@ EVENT: Schema = _obj(
         "product_model": {"type": "string"},
         "product_revision": {"type": "string"},
         "good": {"type": "boolean"},
-        "defect": {"type": "string"},
+        "defect": {"type": "string", "description": "unit_produced: why the unit failed (the test channel)"},
+        "cycle_time": {"type": "number", "minimum": 0, "description": "unit_produced: station cycle time, s"},
+        "measurements": {
+            "type": "object",
+            "additionalProperties": {"type": ["number", "null"]},
+            "maxProperties": 256,
+            "description": "unit_produced: test results of this unit by channel name, in catalog units",
+        },
         "state": {"enum": _states},
         "message": {"type": "string", "maxLength": 4096},
         "severity": {"enum": ["info", "warning", "critical"]},
@@ -215,6 +222,8 @@ ANOMALY_EVENT: Schema = _obj(
         "channels": {"type": "array", "items": {"type": "string"}},
         "detector": {"type": "string"},
         "event_id": {"type": "string"},
+        "product_model": _ident,
+        "product_revision": _ident,
     },
 )
 
@@ -253,15 +262,78 @@ FEEDBACK: Schema = _obj(
     },
 )
 
+_number_or_null: Schema = {"type": ["number", "null"], "description": "null where infinite or undefined"}
+_probability: Schema = {"type": "number", "minimum": 0, "maximum": 1}
+_evidence: Schema = _obj(
+    ["n"],
+    {
+        "n": {"type": "number", "minimum": 0, "description": "units, values or exposure compared"},
+        "events": {"type": "integer", "minimum": 0, "description": "counts: units or events with the property"},
+        "exposure": {"type": "number", "minimum": 0, "description": "rates: produced units"},
+        "seen": {"type": "integer", "minimum": 0, "description": "values seen (n is the bounded sample used)"},
+        **{k: {"type": "number"} for k in ("min", "q1", "median", "q3", "max", "mean")},
+    },
+)
+_comparison: Schema = _obj(
+    ["revision", "baseline", "kpi", "channel", "direction", "effect", "effect_kind", "ci", "p_value", "q_value",
+     "flagged", "test", "evidence"],
+    {
+        "revision": _ident,
+        "baseline": _ident,
+        "kpi": {"enum": ["first_pass_yield", "defect_rate", "anomaly_rate", "cycle_time", "measurement",
+                         "field_fault_rate", "complaint_rate", "rating"]},
+        "channel": {"type": ["string", "null"], "description": "channel, defect or complaint category"},
+        "station": {"type": "string", "description": "device of the station (cycle_time)"},
+        "direction": {"enum": ["worse", "better", "changed"]},
+        "effect": {**_number_or_null, "description": "difference (proportions), ratio (rates) or shift"},
+        "effect_kind": {"enum": ["difference", "ratio", "shift"]},
+        "unit": {"type": "string"},
+        "ci": {"type": "array", "items": _number_or_null, "minItems": 2, "maxItems": 2},
+        "p_value": _probability,
+        "q_value": {**_probability, "description": "Benjamini-Hochberg over the model's comparisons"},
+        "flagged": {"type": "boolean"},
+        "test": {"enum": ["fisher_exact", "poisson_exact", "brunner_munzel"]},
+        "value": _number_or_null,
+        "baseline_value": _number_or_null,
+        "evidence": _obj(["revision", "baseline"], {"revision": _evidence, "baseline": _evidence}),
+        "superiority": _obj(
+            ["estimate", "ci"],
+            {"estimate": _probability, "ci": {"type": "array", "items": _probability, "minItems": 2, "maxItems": 2}},
+            description="P(revision > baseline) + P(tie)/2, with its interval (rank tests)",
+        ),
+        "summary": {"type": "string", "maxLength": 1024},
+    },
+)
+
 INSIGHTS: Schema = _obj(
     ["model", "ts", "insights"],
     {
         "model": {"type": "string"},
         "ts": _ts,
         "baseline_revision": {"type": "string"},
-        "insights": {"type": "array", "items": {"type": "object"}},
+        "alpha": {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1},
+        "confidence": {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1},
+        "tests": {"type": "integer", "minimum": 0, "description": "comparisons in the FDR family"},
+        "revisions": {
+            "type": "array",
+            "items": _obj(
+                ["revision", "units"],
+                {
+                    "revision": _ident,
+                    "first_seen": _ts,
+                    "units": {"type": "integer", "minimum": 0},
+                    "good": {"type": "integer", "minimum": 0},
+                    "first_pass_yield": _ratio,
+                    "anomalies": {"type": "integer", "minimum": 0},
+                    "feedback": {"type": "integer", "minimum": 0},
+                },
+            ),
+        },
+        "insights": {"type": "array", "items": _comparison, "description": "flagged comparisons, most certain first"},
+        "comparisons": {"type": "array", "items": _comparison, "description": "every comparison made"},
     },
-    description="Iteration insights per product model, retained.",
+    description="Iteration insights per product model, retained: revision comparisons with effect size, "
+    "confidence interval, p and q value and the evidence counts.",
 )
 
 ROUTING_REQUEST: Schema = _obj(
