@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from twin.core import CoreConfig, FleetCore, WindowSpec
+from twin.core.config import DETECTORS
 from twin.core.fleet import oee_from_totals
 from twin.core.kernels import batch_is_ordered
 from twin.core.layout import BV_BUSY_MS, BV_GOOD, BV_KNOWN_MS, BV_PRODUCED, BV_PRODUCING_MS, BV_SCRAP, DF_N
@@ -34,13 +35,6 @@ SMALL = CoreConfig(
     warmup_samples=3,
     event_min_samples=2,
 )
-
-
-def _value(role_choice: int, base: float) -> st.SearchStrategy[float]:
-    return st.one_of(
-        st.floats(-1e3, 1e3, allow_nan=False),
-        st.sampled_from([math.nan, math.inf, -math.inf, 0.0, base]),
-    )
 
 
 samples = st.lists(
@@ -110,7 +104,7 @@ def _compare(core: FleetCore, ref: ReferenceFleet, config: CoreConfig) -> None:
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(batches=st.lists(samples, min_size=1, max_size=4), detector=st.sampled_from(["zscore", "cusum", "ensemble"]))
+@given(batches=st.lists(samples, min_size=1, max_size=4), detector=st.sampled_from(list(DETECTORS)))
 def test_kernel_matches_reference(batches: list[list[tuple[int, int, int, float]]], detector: str) -> None:
     config = CoreConfig(**{**SMALL.__dict__, "detector": detector})
     core, ref = _fleets(config)

@@ -31,7 +31,7 @@ NJIT_OPTIONS: Final[dict[str, Any]] = {
 }
 
 _MAX_BUCKET_S: Final = 7 * 86400
-DETECTORS: Final[tuple[str, ...]] = ("zscore", "cusum", "ensemble")
+DETECTORS: Final[tuple[str, ...]] = ("zscore", "cusum", "ewma", "ensemble")
 
 
 @dataclass(frozen=True)
@@ -99,6 +99,7 @@ class CoreConfig:
     z_scale: float = 4.0
     cusum_drift: float = 1.0
     cusum_scale: float = 20.0
+    ewma_lambda: float = 0.1
     learn_gate: float = 0.5
     gated_learn_factor: float = 0.05
     relative_noise_floor: float = 1e-4
@@ -132,6 +133,8 @@ class CoreConfig:
             raise ValueError("reorder_depth must be in 1..64")
         if self.z_scale <= 0 or self.cusum_scale <= 0 or self.cusum_drift < 0:
             raise ValueError("z_scale and cusum_scale must be positive, cusum_drift non-negative")
+        if not 0 < self.ewma_lambda <= 1:
+            raise ValueError("ewma_lambda must be in (0, 1]")
         if not 0 <= self.gated_learn_factor <= 1:
             raise ValueError("gated_learn_factor must be in [0, 1]")
 

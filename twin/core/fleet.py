@@ -46,7 +46,6 @@ from twin.core.layout import (
     CH_CUSUM_REGIME,
     CH_FIELDS,
     CH_LAST_T,
-    CH_PEAK,
     CH_SCORE,
     DETECTOR_CODES,
     DF_FIELDS,
@@ -73,6 +72,7 @@ from twin.core.layout import (
     P_EVENT_MIN,
     P_EVENT_OFF,
     P_EVENT_ON,
+    P_EWMA_LAMBDA,
     P_FIELDS,
     P_GATED_FACTOR,
     P_HISTORICAL,
@@ -173,6 +173,7 @@ def _params(config: CoreConfig) -> np.ndarray:
     params[P_HOLD_MS] = config.state_hold_s * 1000
     params[P_SILENCE_MS] = config.silence_s * 1000
     params[P_DETECTOR] = DETECTOR_CODES[config.detector]
+    params[P_EWMA_LAMBDA] = config.ewma_lambda
     return params
 
 
@@ -601,18 +602,12 @@ class FleetCore:
             if self.role[device, slot] == ROLE_ANALOG
         }
 
-    def take_peaks(self, device: int) -> tuple[float, dict[str, float]]:
-        """Highest device and channel scores since the last call (for "max over the interval")."""
+    def take_peak(self, device: int) -> float:
+        """Highest device score since the last call (for "max over the interval" time series)."""
         self._check_device(device)
-        device_peak = float(self.devf[device, DF_PEAK])
-        channel_peaks = {
-            name: float(self.chan[device, slot, CH_PEAK])
-            for slot, name in enumerate(self._channel_names[device])
-            if self.role[device, slot] == ROLE_ANALOG
-        }
+        peak = float(self.devf[device, DF_PEAK])
         self.devf[device, DF_PEAK] = 0.0
-        self.chan[device, :, CH_PEAK] = 0.0
-        return device_peak, channel_peaks
+        return peak
 
     # ---- snapshot / restore -----------------------------------------------------------------------
 

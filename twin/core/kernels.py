@@ -25,10 +25,13 @@ from twin.core.layout import (
     CH_CUSUM_NEG,
     CH_CUSUM_POS,
     CH_CUSUM_REGIME,
+    CH_EWMA,
     CH_LAST_T,
-    CH_PEAK,
     CH_Q,
     CH_SCORE,
+    DET_CUSUM,
+    DET_EWMA,
+    DET_ZSCORE,
     DF_COUNTER,
     DF_EVENT_PEAK,
     DF_LAYER_PROGRESS,
@@ -63,6 +66,7 @@ from twin.core.layout import (
     P_EVENT_MIN,
     P_EVENT_OFF,
     P_EVENT_ON,
+    P_EWMA_LAMBDA,
     P_GATED_FACTOR,
     P_HISTORICAL,
     P_HOLD_MS,
@@ -131,18 +135,21 @@ def channel_step(row: np.ndarray, regime: int, x: float, params: np.ndarray) -> 
     n = row[base + 2]
     z_scale2 = params[P_Z_SCALE2]
     detector = int(params[P_DETECTOR])
+    lam = params[P_EWMA_LAMBDA]
     if row[CH_CUSUM_REGIME] != regime:
+        # a new regime: the sums and the fast mean belong to the old one
         row[CH_CUSUM_POS] = 0.0
         row[CH_CUSUM_NEG] = 0.0
         row[CH_CUSUM_REGIME] = regime
+        row[CH_EWMA] = mean if n > 0 else x
     q = 0.0
     if n >= params[P_WARMUP]:
         deviation = x - mean
         floor = params[P_REL_FLOOR] * mean
         var_eff = var + floor * floor + 1e-12
-        z2 = deviation * deviation / var_eff
-        q_z = z2
-        if detector != 0:
+        if detector & DET_ZSCORE:
+            q = deviation * deviation / var_eff
+        if detector & DET_CUSUM:
             z = deviation / np.sqrt(var_eff)
             drift = params[P_CUSUM_DRIFT]
             cap = params[P_CUSUM_CAP]
@@ -150,11 +157,17 @@ def channel_step(row: np.ndarray, regime: int, x: float, params: np.ndarray) -> 
             neg = min(max(0.0, row[CH_CUSUM_NEG] - z - drift), cap)
             row[CH_CUSUM_POS] = pos
             row[CH_CUSUM_NEG] = neg
-            q_c = max(pos, neg) / params[P_CUSUM_SCALE] * z_scale2
-            q = q_c if detector == 1 else max(q_z, q_c)
-        else:
-            q = q_z
+            q = max(q, max(pos, neg) / params[P_CUSUM_SCALE] * z_scale2)
+        if detector & DET_EWMA:
+            # EWMA control chart: the fast mean's distance from the baseline in units of its own
+            # standard error, sensitive to small persistent shifts a single sample cannot show
+            fast = row[CH_EWMA] + lam * (x - row[CH_EWMA])
+            row[CH_EWMA] = fast
+            shift = fast - mean
+            q = max(q, shift * shift / (var_eff * lam / (2.0 - lam)))
         q = min(q, Q_CAP)
+    else:
+        row[CH_EWMA] = row[CH_EWMA] + max(lam, 1.0 / (n + 1.0)) * (x - row[CH_EWMA])
     score = score_of_q(q, z_scale2)
     factor = 1.0
     if n >= params[P_WARMUP] and score > params[P_LEARN_GATE]:
@@ -170,8 +183,6 @@ def channel_step(row: np.ndarray, regime: int, x: float, params: np.ndarray) -> 
     row[base + 1] = new_var
     row[base + 2] = n + 1.0
     row[CH_SCORE] = score
-    if score > row[CH_PEAK]:
-        row[CH_PEAK] = score
     old_q = row[CH_Q]
     row[CH_Q] = q
     return q - old_q

@@ -67,7 +67,7 @@ CH_CUSUM_REGIME: Final = 11  # the regime the CUSUM sums belong to (reset on a r
 CH_Q: Final = 12  # the channel's last statistic in z² units (its share of the device sum)
 CH_SCORE: Final = 13  # last channel score in [0, 1]
 CH_LAST_T: Final = 14  # last accepted timestamp, µs (exact in float64 until the year 2255)
-CH_PEAK: Final = 15  # highest channel score since the last read
+CH_EWMA: Final = 15  # fast exponentially weighted mean of the channel (EWMA control chart)
 CH_FIELDS: Final = 16
 
 # ---- per-device float fields: devf[device, FIELD] ----------------------------------------------
@@ -129,12 +129,17 @@ P_EVENT_ON: Final = 9
 P_EVENT_OFF: Final = 10
 P_EVENT_MIN: Final = 11
 P_HOLD_MS: Final = 12
-P_DETECTOR: Final = 13  # 0 zscore, 1 cusum, 2 ensemble
+P_DETECTOR: Final = 13  # bit mask of DETECTOR_BITS
 P_HISTORICAL: Final = 14  # 1.0: replayed data, learns but opens/closes no events
 P_SILENCE_MS: Final = 15
-P_FIELDS: Final = 16
+P_EWMA_LAMBDA: Final = 16
+P_FIELDS: Final = 17
 
-DETECTOR_CODES: Final = {"zscore": 0, "cusum": 1, "ensemble": 2}
+DET_ZSCORE: Final = 1
+DET_CUSUM: Final = 2
+DET_EWMA: Final = 4
+# a detector name -> the statistics it takes the maximum of
+DETECTOR_CODES: Final = {"zscore": DET_ZSCORE, "cusum": DET_CUSUM, "ewma": DET_EWMA, "ensemble": DET_ZSCORE | DET_EWMA}
 Q_CAP: Final = 1.0e6  # one broken channel must not swamp the device sum forever
 NO_TIME: Final = -(2**62)
 

@@ -14,6 +14,9 @@ from dataclasses import dataclass, field
 from twin.core.config import CoreConfig
 from twin.core.layout import (
     COUNTER_ROLES,
+    DET_CUSUM,
+    DET_EWMA,
+    DET_ZSCORE,
     DETECTOR_CODES,
     N_REGIMES,
     PLANNED_BUSY,
@@ -45,6 +48,7 @@ class RefChannel:
     pos: float = 0.0
     neg: float = 0.0
     cusum_regime: int = -1
+    fast: float = 0.0
     q: float = 0.0
     score: float = 0.0
     last_t: float = -math.inf
@@ -53,27 +57,34 @@ class RefChannel:
         """Score then learn; return the change of q."""
         detector = DETECTOR_CODES[cfg.detector]
         z_scale2 = cfg.z_scale**2
+        lam = cfg.ewma_lambda
         mean, var, n = self.mean[regime], self.var[regime], self.n[regime]
         if self.cusum_regime != regime:
             self.pos = self.neg = 0.0
             self.cusum_regime = regime
+            self.fast = mean if n > 0 else x
         q = 0.0
         warm = n >= cfg.warmup_samples
         if warm:
             floor = cfg.relative_noise_floor * mean
             var_eff = var + floor * floor + 1e-12
             deviation = x - mean
-            q_z = deviation * deviation / var_eff
-            if detector == 0:
-                q = q_z
-            else:
+            candidates = []
+            if detector & DET_ZSCORE:
+                candidates.append(deviation * deviation / var_eff)
+            if detector & DET_CUSUM:
                 z = deviation / math.sqrt(var_eff)
                 cap = cfg.cusum_scale * 4.0
                 self.pos = min(max(0.0, self.pos + z - cfg.cusum_drift), cap)
                 self.neg = min(max(0.0, self.neg - z - cfg.cusum_drift), cap)
-                q_c = max(self.pos, self.neg) / cfg.cusum_scale * z_scale2
-                q = q_c if detector == 1 else max(q_z, q_c)
-            q = min(q, Q_CAP)
+                candidates.append(max(self.pos, self.neg) / cfg.cusum_scale * z_scale2)
+            if detector & DET_EWMA:
+                self.fast = self.fast + lam * (x - self.fast)
+                shift = self.fast - mean
+                candidates.append(shift * shift / (var_eff * lam / (2.0 - lam)))
+            q = min(max(candidates), Q_CAP)
+        else:
+            self.fast = self.fast + max(lam, 1.0 / (n + 1.0)) * (x - self.fast)
         score = q / (q + z_scale2)
         factor = cfg.gated_learn_factor if warm and score > cfg.learn_gate else 1.0
         learn_x = x
