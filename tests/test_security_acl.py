@@ -31,6 +31,14 @@ def test_checked_in_acl_matches_the_contract() -> None:
     )
 
 
+def test_module_examples_run() -> None:
+    import doctest
+
+    for module in (acl, passwords, pki):
+        result = doctest.testmod(module)
+        assert result.failed == 0 and result.attempted > 0, module.__name__
+
+
 def test_every_channel_has_a_writer_and_a_reader() -> None:
     assert acl.uncovered_channels() == []
 
@@ -113,6 +121,7 @@ def test_service_accounts_get_nothing_from_the_tenant_patterns() -> None:
         ("_twin", Role.TWIN, None),
         ("_twin@i2", Role.TWIN, None),
         ("_routing", Role.PLATFORM, None),
+        ("_loop", Role.LOOP, None),
         ("_quotes", Role.PLATFORM, None),
         ("_customer@bigco", Role.CUSTOMER, "bigco"),
         ("_ops", Role.OPERATOR, None),

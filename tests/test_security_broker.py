@@ -29,7 +29,7 @@ NOT_AUTHORIZED = 135  # MQTT 5 reason code 0x87
 SUFFIX = uuid.uuid4().hex[:6]
 ACME, BETA = f"acme{SUFFIX}", f"beta{SUFFIX}"
 CUST1, CUST2 = f"cust1{SUFFIX}", f"cust2{SUFFIX}"
-USERS = [ACME, f"{ACME}@gw2", BETA, "_twin", "_routing", "_ops", f"_customer@{CUST1}", f"_customer@{CUST2}"]
+USERS = [ACME, f"{ACME}@gw2", BETA, "_twin", "_routing", "_loop", "_ops", f"_customer@{CUST1}", f"_customer@{CUST2}"]
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +50,7 @@ def ops(secure: SecureBroker) -> Iterator[Probe]:
 
 @pytest.fixture
 def clients(secure: SecureBroker) -> Iterator[dict[str, Probe]]:
-    made = {u: probe(secure.settings(u)) for u in (ACME, f"{ACME}@gw2", BETA, "_twin", "_routing")}
+    made = {u: probe(secure.settings(u)) for u in (ACME, f"{ACME}@gw2", BETA, "_twin", "_routing", "_loop")}
     yield made
     for p in made.values():
         p.close()
@@ -127,6 +127,9 @@ FORBIDDEN_PUBLISH = [
     ("_routing", lambda: dev(ACME).telemetry_topic, "a platform service forging telemetry"),
     ("_routing", lambda: dev(ACME).twin_topic, "a platform service forging twin state"),
     ("_routing", lambda: topics.deadletter_topic(ACME), "a platform service forging dead letters"),
+    ("_loop", lambda: dev(ACME).twin_topic, "the loop forging twin state"),
+    ("_loop", lambda: dev(ACME).event_topic, "the loop forging events"),
+    ("_loop", lambda: dev(ACME).command_topic("dispatch_job"), "the loop issuing commands"),
 ]
 
 
@@ -141,6 +144,7 @@ def test_forbidden_publish_is_refused_and_reaches_no_one(
     # A sentinel on a topic this client may write, published after the refused message:
     sentinel = {
         "_twin": dev(ACME).twin_topic,
+        "_loop": topics.insights_topic(ACME, "m"),
         "_routing": topics.routing_request_topic(),
     }.get(publisher, dev(ACME).telemetry_topic)
     mark = uuid.uuid4().hex.encode()
@@ -185,6 +189,20 @@ def test_forbidden_subscriptions_receive_nothing(
         assert foreign == [], f"tenant {ACME} received other tenants' or platform messages: {foreign[:5]}"
     finally:
         spy.close()
+
+
+def test_the_loop_reads_units_and_feedback_of_every_tenant_and_writes_insights(
+    clients: dict[str, Probe], ops: Probe
+) -> None:
+    loop, acme, beta = clients["_loop"], clients[ACME], clients[BETA]
+    loop.subscribe(topics.device_filter("event"), topics.feedback_filter())
+    acme_device = dev(ACME)
+    assert acme.publish(acme_device.event_topic, b"unit") == 0
+    assert beta.publish(topics.feedback_topic(BETA, "MW-20", "B"), b"fb") == 0
+    loop.wait_topic(acme_device.event_topic, b"unit")
+    loop.wait_topic(topics.feedback_topic(BETA, "MW-20", "B"), b"fb")
+    assert loop.publish(topics.insights_topic(BETA, "MW-20"), b"insights", retain=True) == 0
+    ops.wait_topic(topics.insights_topic(BETA, "MW-20"), b"insights")
 
 
 def test_customers_see_only_their_own_level(secure: SecureBroker, ops: Probe) -> None:

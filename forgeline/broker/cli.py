@@ -61,7 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     acl_cmd = sub.add_parser("acl", help="print or write the ACL file generated from the topic contract")
     acl_cmd.add_argument("--users", type=Path, metavar="FILE", help="password file: add user blocks for its "
-                         "service, gateway and customer accounts")
+                         "gateway and customer accounts (the standard service accounts are always included)")
     acl_cmd.add_argument("--out", type=Path, help="write here instead of stdout")
     acl_cmd.add_argument("--check", type=Path, metavar="ACLFILE",
                          help="exit 1 if ACLFILE differs from what would be generated")
@@ -138,7 +138,7 @@ def _users(args: argparse.Namespace) -> int:
                 return _err(f"no user {args.delete!r} in {args.file}")
             print(f"user {args.delete} removed from {args.file}", file=sys.stderr)
         if args.acl:
-            args.acl.write_text(acl.render_acl(passwords.read_entries(args.file)))
+            args.acl.write_text(acl.render_acl([*acl.STANDARD_ACCOUNTS, *passwords.read_entries(args.file)]))
             print(f"ACL written to {args.acl}; reload the broker with SIGHUP", file=sys.stderr)
     except (passwords.PasswordError, acl.AclError) as exc:
         return _err(str(exc))
@@ -148,7 +148,7 @@ def _users(args: argparse.Namespace) -> int:
 def _acl(args: argparse.Namespace) -> int:
     try:
         usernames = passwords.read_entries(args.users) if args.users else {}
-        text = acl.render_acl(usernames)
+        text = acl.render_acl([*acl.STANDARD_ACCOUNTS, *usernames])
     except (passwords.PasswordError, acl.AclError) as exc:
         return _err(str(exc))
     if args.check:
@@ -207,7 +207,7 @@ def _serve_secure(args: argparse.Namespace) -> RunningBroker:
         certs = pki.make_dev_pki(directory / "certs", hosts=[args.host, *pki.DEFAULT_HOSTS])
     elif not certs.server.cert.exists():
         pki.issue(certs, "server", server=True, hosts=[args.host, *pki.DEFAULT_HOSTS])
-    acl_file.write_text(acl.render_acl(passwords.read_entries(password_file)))
+    acl_file.write_text(acl.render_acl([*acl.STANDARD_ACCOUNTS, *passwords.read_entries(password_file)]))
     port = args.port or 8883
     text = render_secure_config(
         production_config_path().read_text(),

@@ -15,8 +15,9 @@ username                    role        scope
 ``acme``                    factory     tenant ``acme`` (``pattern ... fl/v1/%u/...`` lines)
 ``acme@gw2``                factory     tenant ``acme``: a second gateway (explicit ``user`` block)
 ``_twin``, ``_twin@i2``     twin        all tenants: reads input, writes twin topics
+``_loop``                   loop        all tenants: reads units/anomalies/feedback, writes insights
 ``_routing``, ``_quotes``,  platform    all tenants: reads twin topics, writes routing/commands
-``_loop``, ``_platform@x``
+``_platform@x``
 ``_customer@bigco``         customer    customer ``bigco`` only (customer topic level)
 ``_ops``, ``_ops@x``        operator    reads everything (incl. ``$SYS``), writes commands
 ==========================  ==========  =====================================================
@@ -51,6 +52,7 @@ class AclError(ValueError):
 class Role(StrEnum):
     FACTORY = "factory"
     TWIN = "twin"
+    LOOP = "loop"
     PLATFORM = "platform"
     CUSTOMER = "customer"
     OPERATOR = "operator"
@@ -61,7 +63,7 @@ SERVICE_ACCOUNTS: dict[str, Role] = {
     "_twin": Role.TWIN,
     "_routing": Role.PLATFORM,
     "_quotes": Role.PLATFORM,
-    "_loop": Role.PLATFORM,
+    "_loop": Role.LOOP,
     "_platform": Role.PLATFORM,
     "_customer": Role.CUSTOMER,
     "_ops": Role.OPERATOR,
@@ -78,6 +80,11 @@ RIGHTS: dict[Role, tuple[frozenset[str], frozenset[str]]] = {
         # twin/fleet/insights are read back too: the twin restores from its retained state.
         frozenset({"status", "telemetry", "event", "feedback", "api_request", "twin", "fleet", "insights"}),
         frozenset({"twin", "fleet", "anomaly", "api_response", "insights", "deadletter"}),
+    ),
+    Role.LOOP: (
+        # the iteration loop (forgeline.loop.service): units, anomalies and feedback in, insights out
+        frozenset({"status", "event", "anomaly", "feedback", "insights"}),
+        frozenset({"insights", "deadletter"}),
     ),
     Role.PLATFORM: (
         frozenset({
