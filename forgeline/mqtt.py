@@ -12,6 +12,7 @@ import threading
 import uuid
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import unquote
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
@@ -50,10 +51,20 @@ class MqttSettings:
 
     @classmethod
     def from_url(cls, url: str, **overrides: Any) -> MqttSettings:
-        """``mqtt://host:port`` or ``mqtts://host:port`` (TLS)."""
-        scheme, _, rest = url.partition("://")
+        """``mqtt://host:port`` or ``mqtts://host:port`` (TLS); ``mqtts://user:password@host:port`` also
+        sets the credentials (percent-decoded; the password appears in no error message or repr)."""
+        # Credentials are cut off before anything can echo the URL back.
+        userinfo, at, address = url.rpartition("@")
+        shown = f"<credentials>@{address}" if at else url
+        scheme, _, rest = (userinfo if at else url).partition("://")
+        if at:
+            user, has_password, password = rest.partition(":")
+            overrides.setdefault("username", unquote(user))
+            if has_password:
+                overrides.setdefault("password", unquote(password))
+            rest = address
         if scheme not in ("mqtt", "mqtts") or not rest:
-            raise ValueError(f"broker URL must look like mqtt://host:1883 or mqtts://host:8883, not {url!r}")
+            raise ValueError(f"broker URL must look like mqtt://host:1883 or mqtts://host:8883, not {shown!r}")
         host, _, port = rest.rstrip("/").rpartition(":")
         if not host:
             host, port = port, ("8883" if scheme == "mqtts" else "1883")

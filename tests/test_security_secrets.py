@@ -31,6 +31,18 @@ def test_settings_repr_hides_the_password() -> None:
     assert "password=None" in repr(MqttSettings(username="acme"))
 
 
+def test_credentials_in_a_broker_url_never_echo() -> None:
+    settings = MqttSettings.from_url(f"mqtts://acme%40gw2:{PASSWORD}%3A@broker.example:8883")
+    assert (settings.username, settings.password, settings.host, settings.port, settings.tls) == (
+        "acme@gw2", PASSWORD + ":", "broker.example", 8883, True)
+    assert PASSWORD not in repr(settings)
+    for bad in (f"http://acme:{PASSWORD}@h:1", f"acme:{PASSWORD}@h:1", f"mqtt://acme:{PASSWORD}@"):
+        with pytest.raises(ValueError) as err:
+            MqttSettings.from_url(bad)
+        assert PASSWORD not in str(err.value)
+    assert MqttSettings.from_url("mqtt://h:1884").username is None
+
+
 @pytest.fixture(scope="module")
 def secure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureBroker]:
     if find_mosquitto() is None:
