@@ -199,3 +199,53 @@ def test_cli_certs_users_acl(
     assert main(["broker", "users", str(pwfile), "--delete", "_customer@bigco"]) == 0
     assert main(["broker", "acl", "--users", str(pwfile), "--check", str(aclfile)]) == 1
     assert main(["broker", "users", str(pwfile), "--delete", "_customer@bigco"]) == 2
+
+
+def test_cli_secure_broker_end_to_end(tmp_path: Path) -> None:
+    """`forgeline broker --secure DIR` runs the production config: a user made with the CLI connects
+    over TLS with its client certificate; the embedded broker is refused for secure mode."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from forgeline.broker import find_mosquitto, free_port
+    from forgeline.mqtt import MqttSettings, connect
+
+    if find_mosquitto() is None:
+        pytest.skip("needs the mosquitto binary")
+    assert main(["broker", "--secure", str(tmp_path), "--kind", "amqtt"]) == 2  # no insecure fallback
+    assert main(["broker", "--secure", str(tmp_path)]) == 2  # no password file yet
+    assert main(["broker", "certs", str(tmp_path / "certs"), "--client", "acme"]) == 0
+    pwfile = tmp_path / "passwd"
+    passwords.set_password(pwfile, "acme", "cli-secret")
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "forgeline.cli", "broker", "--secure", str(tmp_path), "--port", str(port)],
+        stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )
+    try:
+        certs = pki.DevPki(tmp_path / "certs")
+        settings = MqttSettings(port=port, tls=True, ca_file=str(certs.ca_cert), username="acme",
+                                password="cli-secret", cert_file=str(certs.client("acme").cert),
+                                key_file=str(certs.client("acme").key))
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                client = connect(settings, timeout=2)
+                break
+            except Exception:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise
+                time.sleep(0.2)
+        info = client.publish("fl/v1/acme/telemetry/s/a/d", b"x", qos=1)
+        info.wait_for_publish(5)
+        client.disconnect()
+        client.loop_stop()
+        assert "user acme" not in (tmp_path / "acl").read_text()  # a plain tenant: covered by patterns
+        assert "user _twin" in (tmp_path / "acl").read_text()
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=15)
+    assert proc.returncode == 0, err
+    assert f"mqtts://127.0.0.1:{port}" in err and "cli-secret" not in err

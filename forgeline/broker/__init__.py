@@ -273,3 +273,13 @@ def start_broker(port: int | None = None, host: str = "127.0.0.1", prefer: str =
             log.warning("no mosquitto binary found: falling back to the embedded amqtt broker (MQTT 3.1.1)")
         return start_embedded(port, host)
     return start_mosquitto(port, host)
+
+
+def __getattr__(name: str) -> Any:
+    # forgeline.broker.start_secure_mosquitto / SecureBroker (forgeline.broker.secure) without importing
+    # the PKI code and its cryptography dependency whenever the plain launcher is used.
+    if name in ("start_secure_mosquitto", "SecureBroker"):
+        from forgeline.broker import secure
+
+        return getattr(secure, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
