@@ -4,6 +4,7 @@ explicit double loops, bisection on the defining inequality) on random and edge-
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from fractions import Fraction
 
 import numpy as np
@@ -218,6 +219,30 @@ def test_poisson_rate_test_matches_exact_binomial(k1: int, k2: int, e1: int, e2:
         assert result.low <= result.ratio <= result.high
     else:
         assert math.isinf(result.ratio)
+
+
+@given(st.integers(0, 200), st.floats(0.5, 1e4))
+@settings(max_examples=80, deadline=None)
+def test_poisson_interval_matches_tail_bisection(events: int, exposure: float) -> None:
+    """Garwood's interval: the lower end is the mean with P(X >= events) = 2.5 %, the upper end the mean
+    with P(X <= events) = 2.5 %; both tails are monotone in the mean, so bisection finds them."""
+
+    def bisect(decreasing_in_mean: bool, tail: Callable[[float], float]) -> float:
+        lo, hi = 0.0, events + 50.0 * math.sqrt(events + 1) + 50
+        for _ in range(200):
+            mid = (lo + hi) / 2
+            if (tail(mid) > 0.025) == decreasing_in_mean:
+                lo = mid
+            else:
+                hi = mid
+        return (lo + hi) / 2
+
+    low, high = stats.poisson_interval(events, exposure)
+    ref_low = 0.0 if events == 0 else bisect(False, lambda mean: float(sp.poisson.sf(events - 1, mean)))
+    ref_high = bisect(True, lambda mean: float(sp.poisson.cdf(events, mean)))
+    assert low == pytest.approx(ref_low / exposure, rel=1e-6, abs=1e-12)
+    assert high == pytest.approx(ref_high / exposure, rel=1e-6)
+    assert low <= events / exposure <= high
 
 
 @pytest.mark.parametrize("exposure", [0.0, -1.0, math.nan, math.inf])

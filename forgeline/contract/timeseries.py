@@ -111,9 +111,20 @@ MEASUREMENTS: dict[str, Measurement] = {
         ),
         Measurement(
             "insight",
-            ("tenant", "product_model", "product_revision", "kpi"),
-            {"effect": "float", "p_value": "float", "baseline": "float", "value": "float", "flagged": "int"},
-            "Revision comparison results of the iteration loop.",
+            ("tenant", "product_model", "product_revision", "kpi", "channel", "baseline_revision"),
+            {
+                "effect": "float",
+                "p_value": "float",
+                "q_value": "float",
+                "ci_low": "float",
+                "ci_high": "float",
+                "baseline": "float",
+                "value": "float",
+                "flagged": "int",
+            },
+            "Revision comparison results of the iteration loop, one point per comparison and evaluation: "
+            "effect (difference, ratio or shift) with its confidence interval, p and Benjamini-Hochberg q "
+            "value; channel is the channel, defect, complaint category or station compared.",
         ),
         Measurement(
             "twin_ops",

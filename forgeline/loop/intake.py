@@ -270,16 +270,24 @@ class LoopStore:
         """Route one MQTT message by its topic; returns what it was (``unit``, ``feedback``, ``anomaly``,
         ``status``, ``ignored``, ``duplicate``, ``unattributed``). Raises :class:`IntakeError` for unusable
         input (the payload is parsed with size limits and validated against its schema first)."""
-        schema = self._schema_of(topic)
-        if schema is None:
+        document = self.decode(topic, payload)
+        if document is None:
             return self._ignored()
-        if schema == "status" and not payload:
-            return self._ignored()  # a cleared retained message
+        return self.ingest_document(topic, document)
+
+    def decode(self, topic: str, payload: bytes | str) -> dict[str, Any] | None:
+        """The validated document of a message the loop reads; ``None`` for topics it does not read and for
+        cleared retained messages. Raises :class:`IntakeError` for a bad topic or payload."""
+        schema = self._schema_of(topic)
+        if schema is None or (schema == "status" and not payload):
+            return None
         try:
             document = schemas.loads(schema, payload)
         except PayloadError as exc:
             raise self._reject(str(exc)) from None
-        return self.ingest_document(topic, document)
+        if not isinstance(document, dict):
+            raise self._reject(f"{schema}: not a JSON object")
+        return document
 
     def ingest_document(self, topic: str, document: dict[str, Any]) -> str:
         """Like :meth:`ingest` for a document that is already decoded AND validated against its schema."""

@@ -142,6 +142,16 @@ def poisson_rate_test(
     return RateComparison(ratio, to_ratio(interval.low), to_ratio(interval.high), float(min(1.0, result.pvalue)))
 
 
+def poisson_interval(events: int, exposure: float, confidence: float = 0.95) -> tuple[float, float]:
+    """Exact (Garwood) interval of a Poisson rate ``events / exposure``."""
+    if events < 0 or not (exposure > 0 and math.isfinite(exposure)):
+        raise StatsError(f"need events >= 0 and a finite exposure > 0, got {events}, {exposure}")
+    alpha = 1 - confidence
+    low = 0.0 if events == 0 else float(_sp.chi2.ppf(alpha / 2, 2 * events)) / 2
+    high = float(_sp.chi2.ppf(1 - alpha / 2, 2 * events + 2)) / 2
+    return low / exposure, high / exposure
+
+
 # --- continuous KPIs --------------------------------------------------------------------------------
 
 

@@ -1,0 +1,245 @@
+"""The loop service: MQTT in (unit reports, anomaly events, birth messages, feedback), retained
+insights out, dead letters for what cannot be used, optional InfluxDB output.
+
+Threads: paho's network thread decodes, validates and files each message into the
+:class:`~forgeline.loop.intake.LoopStore` (cheap); a publisher thread recomputes the comparison of every
+model that changed since its last publication, every ``interval_s`` seconds, and publishes it retained
+(QoS 1) on ``fl/v1/{tenant}/insights/{model}``. Statistics never run on the network thread, so a slow
+comparison cannot stall intake.
+
+Example (against a running broker)::
+
+    service = LoopService(MqttSettings.from_url("mqtt://127.0.0.1:1883"), ServiceConfig(tenant="oven-maker"))
+    service.start()
+    ...
+    service.stop()
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as paho
+
+from forgeline.contract import schemas, topics
+from forgeline.contract.topics import Kind
+from forgeline.loop.compare import LoopConfig, compare_model
+from forgeline.loop.intake import IntakeError, LoopStore, ModelData, RevisionData
+from forgeline.loop.timeseries_out import InfluxSettings, InfluxWriter, WriteError, feedback_line, insight_lines
+from forgeline.mqtt import MqttSettings, connect
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    """``tenant`` is one tenant or ``+`` for all; ``state_file`` keeps what was accepted across restarts."""
+
+    tenant: str = "+"
+    interval_s: float = 10.0
+    loop: LoopConfig = field(default_factory=LoopConfig)
+    state_file: Path | None = None
+    influx: InfluxSettings | None = None
+    client_id: str | None = None
+    publish_timeout_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.tenant != "+":
+            topics.check_tenant(self.tenant)
+        if not self.interval_s > 0:
+            raise ValueError(f"interval_s must be > 0, got {self.interval_s}")
+
+
+def fit_document(document: dict[str, Any], limit: int = schemas.MAX_JSON_PAYLOAD) -> dict[str, Any]:
+    """Drop the least interesting unflagged comparisons (largest q first) until the JSON fits ``limit``.
+
+    Flagged insights are never dropped; ``tests`` still counts every comparison made.
+    """
+    if len(schemas.dumps(document)) <= limit:
+        return document
+    kept = sorted(document["comparisons"], key=lambda c: (not c["flagged"], c["q_value"]))
+    trimmed = dict(document)
+    low, high = 0, len(kept)
+    while low < high:  # the largest prefix that fits
+        middle = (low + high + 1) // 2
+        trimmed["comparisons"] = kept[:middle]
+        if len(schemas.dumps(trimmed)) <= limit:
+            low = middle
+        else:
+            high = middle - 1
+    trimmed["comparisons"] = kept[:low]
+    return trimmed
+
+
+class LoopService:
+    def __init__(self, settings: MqttSettings, config: ServiceConfig | None = None,
+                 store: LoopStore | None = None) -> None:
+        self.settings = settings
+        self.config = config or ServiceConfig()
+        self.store = store or self._load_state()
+        self.influx = InfluxWriter(self.config.influx) if self.config.influx else None
+        self.lock = threading.Lock()
+        self.published_versions: dict[tuple[str, str], int] = {}
+        self.counters = {"messages": 0, "dead_letters": 0, "published": 0, "publish_errors": 0,
+                         "influx_errors": 0}
+        self.last_documents: dict[tuple[str, str], dict[str, Any]] = {}
+        self._client: paho.Client | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._pending_lines: list[str] = []
+
+    # --- lifecycle ---
+
+    @property
+    def filters(self) -> list[str]:
+        tenant = self.config.tenant
+        return [topics.device_filter(Kind.EVENT, tenant), topics.device_filter(Kind.ANOMALY, tenant),
+                topics.device_filter(Kind.STATUS, tenant), topics.feedback_filter(tenant)]
+
+    def start(self) -> None:
+        client = connect(self.settings, self.config.client_id)
+        client.on_message = self._on_message
+        subscribed = threading.Event()
+        client.on_subscribe = lambda *_: subscribed.set()
+        client.subscribe([(f, 1) for f in self.filters])
+        if not subscribed.wait(10):
+            client.disconnect()
+            client.loop_stop()
+            raise RuntimeError(f"no SUBACK from {self.settings.host}:{self.settings.port}")
+        self._client = client
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="loop-publisher", daemon=True)
+        self._thread.start()
+        log.info("loop service subscribed to %s", ", ".join(self.filters))
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(30)
+        self.publish_due()  # what arrived since the last round is not left unpublished
+        if self._client is not None:
+            self._client.disconnect()
+            self._client.loop_stop()
+            self._client = None
+        self.save_state()
+
+    def __enter__(self) -> LoopService:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.config.interval_s):
+            try:
+                self.publish_due()
+            except Exception:  # keep serving; the next round retries
+                log.exception("loop publish round failed")
+
+    # --- intake ---
+
+    def _on_message(self, _client: Any, _userdata: Any, message: paho.MQTTMessage) -> None:
+        self.handle(message.topic, bytes(message.payload))
+
+    def handle(self, topic: str, payload: bytes) -> str:
+        """File one message; unusable input becomes a dead letter with the reason."""
+        with self.lock:
+            self.counters["messages"] += 1
+            try:
+                document = self.store.decode(topic, payload)
+                outcome = self.store.ingest_document(topic, document) if document is not None else "ignored"
+            except IntakeError as exc:
+                self._dead_letter(topic, payload, str(exc))
+                return "rejected"
+            if outcome == "feedback" and self.influx is not None and document is not None:
+                parsed = topics.parse(topic)
+                assert parsed.tenant and parsed.model and parsed.revision
+                self._pending_lines.append(feedback_line(parsed.tenant, parsed.model, parsed.revision, document))
+            return outcome
+
+    def _dead_letter(self, topic: str, payload: bytes, reason: str) -> None:
+        self.counters["dead_letters"] += 1
+        parts = topic.split("/")
+        tenant = parts[2] if len(parts) > 2 else None
+        letter = {"ts": time.time(), "topic": topic[:1024], "reason": reason[:2000], "size": len(payload),
+                  "payload_head": base64.b64encode(payload[:256]).decode()}
+        log.warning("dead letter from %s: %s", topic[:200], reason[:300])
+        if self._client is not None:
+            self._client.publish(topics.deadletter_topic(tenant), schemas.dumps(letter), qos=1)
+
+    # --- output ---
+
+    def publish_due(self) -> int:
+        """Recompute and publish every model that changed since its last publication; returns how many."""
+        with self.lock:
+            due = [m for key, m in self.store.models.items() if self.published_versions.get(key) != m.version]
+            work = [(m.tenant, m.model, m.version, _frozen(m)) for m in due]
+            lines, self._pending_lines = self._pending_lines, []
+        published = 0
+        for tenant, model_name, version, model in work:
+            document = fit_document(compare_model(model, self.config.loop))
+            schemas.validate("insights", document)
+            if self._publish(topics.insights_topic(tenant, model_name), schemas.dumps(document)):
+                published += 1
+                with self.lock:
+                    self.published_versions[(tenant, model_name)] = version
+                    self.last_documents[(tenant, model_name)] = document
+                if self.influx is not None:
+                    lines += insight_lines(tenant, document)
+        if lines and self.influx is not None:
+            try:
+                self.influx.write(lines)
+            except WriteError as exc:
+                self.counters["influx_errors"] += 1
+                log.warning("%s", exc)
+        if published:
+            self.save_state()
+        return published
+
+    def _publish(self, topic: str, payload: bytes) -> bool:
+        if self._client is None:
+            return False
+        info = self._client.publish(topic, payload, qos=1, retain=True)
+        try:
+            info.wait_for_publish(self.config.publish_timeout_s)
+        except (RuntimeError, ValueError) as exc:
+            log.warning("publishing %s failed: %s", topic, exc)
+        if not info.is_published():
+            self.counters["publish_errors"] += 1
+            return False
+        self.counters["published"] += 1
+        return True
+
+    # --- state ---
+
+    def _load_state(self) -> LoopStore:
+        path = self.config.state_file
+        if path is None or not path.exists():
+            return LoopStore()
+        return LoopStore.restore(json.loads(path.read_text()))
+
+    def save_state(self) -> None:
+        path = self.config.state_file
+        if path is None:
+            return
+        with self.lock:
+            text = json.dumps(self.store.snapshot(), separators=(",", ":"))
+        temporary = path.with_suffix(path.suffix + ".tmp")
+        temporary.write_text(text)
+        os.replace(temporary, path)  # atomic: a crash leaves the old state or the new, never half
+
+
+def _frozen(model: ModelData) -> ModelData:
+    """A copy of what the comparison reads (the revisions), so intake goes on while the publisher works."""
+    copy = ModelData(model.tenant, model.model, version=model.version)
+    copy.revisions = {name: RevisionData.from_json(r.to_json()) for name, r in model.revisions.items()}
+    return copy
