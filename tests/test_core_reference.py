@@ -66,7 +66,7 @@ def _feed(core: FleetCore, ref: ReferenceFleet, batch: list[tuple[int, int, int,
     values = np.array([s[3] for s in batch], dtype=np.float64)
     core.ingest(device, slot, t_us, values)
     order = np.arange(len(batch))
-    if len(batch) and not batch_is_ordered(device, t_us):
+    if len(batch) and not batch_is_ordered(device, t_us, 2):
         order = np.lexsort((t_us, device))
     ref.ingest([(int(device[i]), int(slot[i]), int(t_us[i]), float(values[i])) for i in order])
 

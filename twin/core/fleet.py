@@ -385,7 +385,7 @@ class FleetCore:
             tick_scores = _NO_SCORES
         elif tick_scores.shape != (n,) or tick_scores.dtype != np.float64:
             raise CoreError("tick_scores must be a float64 array with one slot per sample")
-        if not kernels.batch_is_ordered(device, t_us):
+        if not kernels.batch_is_ordered(device, t_us, len(self.devices)):
             if tick_scores.shape[0]:
                 raise CoreError("tick_scores needs a batch in time order per device")
             order = np.lexsort((t_us, device))

@@ -111,7 +111,8 @@ def ew_update(mean: float, var: float, n: float, x: float, alpha: float, factor:
     exactly, then the memory settles at the half-life the config asks for; ``factor`` < 1 slows
     learning down while the stream looks anomalous.
     """
-    weight = max(alpha, 1.0 / (n + 1.0)) * factor
+    # max(alpha, 1/(n+1)) without a division once the warm-up average has handed over to alpha
+    weight = (alpha if (n + 1.0) * alpha >= 1.0 else 1.0 / (n + 1.0)) * factor
     delta = x - mean
     return mean + weight * delta, (1.0 - weight) * (var + weight * delta * delta)
 
@@ -147,8 +148,9 @@ def channel_step(row: np.ndarray, regime: int, x: float, params: np.ndarray) -> 
         deviation = x - mean
         floor = params[P_REL_FLOOR] * mean
         var_eff = var + floor * floor + 1e-12
+        inv_var = 1.0 / var_eff
         if detector & DET_ZSCORE:
-            q = deviation * deviation / var_eff
+            q = deviation * deviation * inv_var
         if detector & DET_CUSUM:
             z = deviation / np.sqrt(var_eff)
             drift = params[P_CUSUM_DRIFT]
@@ -164,7 +166,7 @@ def channel_step(row: np.ndarray, regime: int, x: float, params: np.ndarray) -> 
             fast = row[CH_EWMA] + lam * (x - row[CH_EWMA])
             row[CH_EWMA] = fast
             shift = fast - mean
-            q = max(q, shift * shift / (var_eff * lam / (2.0 - lam)))
+            q = max(q, shift * shift * inv_var * ((2.0 - lam) / lam))
         q = min(q, Q_CAP)
     else:
         row[CH_EWMA] = row[CH_EWMA] + max(lam, 1.0 / (n + 1.0)) * (x - row[CH_EWMA])
@@ -176,8 +178,10 @@ def channel_step(row: np.ndarray, regime: int, x: float, params: np.ndarray) -> 
     if n >= params[P_WARMUP]:
         # Huber-style: learn at most LEARN_CLIP sigmas of a deviation, so a level shift is adopted
         # gradually and one wild sample cannot blow the variance up
-        reach = LEARN_CLIP * np.sqrt(var + 1e-300)
-        learn_x = min(max(x, mean - reach), mean + reach)
+        gap = x - mean
+        if gap * gap > LEARN_CLIP * LEARN_CLIP * var:  # rare: only then pay for the square root
+            reach = LEARN_CLIP * np.sqrt(var)
+            learn_x = min(max(x, mean - reach), mean + reach)
     new_mean, new_var = ew_update(mean, var, n, learn_x, params[P_ALPHA], factor)
     row[base] = new_mean
     row[base + 1] = new_var
@@ -237,7 +241,7 @@ def device_tick(
         factor = params[P_GATED_FACTOR]
     learn_total = total
     if n >= params[P_WARMUP]:
-        learn_total = min(total, mean + LEARN_CLIP * np.sqrt(var + 1e-300))
+        learn_total = min(total, mean + LEARN_CLIP * np.sqrt(var))
     new_mean, new_var = ew_update(mean, var, n, learn_total, params[P_ALPHA], factor)
     devf[d, DF_MEAN] = new_mean
     devf[d, DF_VAR] = new_var
@@ -629,20 +633,16 @@ def ingest_batch(
 
 
 @njit(**NJIT_OPTIONS)
-def batch_is_ordered(device: np.ndarray, t_us: np.ndarray) -> bool:
-    """True when the batch needs no sorting: time never goes back within a run of one device and
-    a device does not reappear after another one, or time never goes back over the whole batch."""
-    n = device.shape[0]
-    globally = True
-    for i in range(1, n):
-        if t_us[i] < t_us[i - 1]:
-            globally = False
-            break
-    if globally:
-        return True
-    for i in range(1, n):
-        if device[i] < device[i - 1] or (device[i] == device[i - 1] and t_us[i] < t_us[i - 1]):
-            return False
+def batch_is_ordered(device: np.ndarray, t_us: np.ndarray, n_devices: int) -> bool:
+    """True when every device's samples appear in non-decreasing time order (devices may interleave
+    in any way); otherwise the wrapper sorts the batch by device and time before the kernel runs."""
+    last = np.full(max(n_devices, 1), np.iinfo(np.int64).min, dtype=np.int64)
+    for i in range(device.shape[0]):
+        d = device[i]
+        if 0 <= d < n_devices:
+            if t_us[i] < last[d]:
+                return False
+            last[d] = t_us[i]
     return True
 
 

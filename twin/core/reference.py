@@ -33,7 +33,7 @@ LEARN_CLIP = 3.0
 
 
 def ew_step(mean: float, var: float, n: float, x: float, alpha: float, factor: float) -> tuple[float, float]:
-    weight = max(alpha, 1.0 / (n + 1.0)) * factor
+    weight = (alpha if (n + 1.0) * alpha >= 1.0 else 1.0 / (n + 1.0)) * factor  # = max(alpha, 1/(n+1))
     delta = x - mean
     return mean + weight * delta, (1.0 - weight) * (var + weight * delta * delta)
 
@@ -70,8 +70,9 @@ class RefChannel:
             var_eff = var + floor * floor + 1e-12
             deviation = x - mean
             candidates = []
+            inv_var = 1.0 / var_eff
             if detector & DET_ZSCORE:
-                candidates.append(deviation * deviation / var_eff)
+                candidates.append(deviation * deviation * inv_var)
             if detector & DET_CUSUM:
                 z = deviation / math.sqrt(var_eff)
                 cap = cfg.cusum_scale * 4.0
@@ -81,15 +82,15 @@ class RefChannel:
             if detector & DET_EWMA:
                 self.fast = self.fast + lam * (x - self.fast)
                 shift = self.fast - mean
-                candidates.append(shift * shift / (var_eff * lam / (2.0 - lam)))
+                candidates.append(shift * shift * inv_var * ((2.0 - lam) / lam))
             q = min(max(candidates), Q_CAP)
         else:
             self.fast = self.fast + max(lam, 1.0 / (n + 1.0)) * (x - self.fast)
         score = q / (q + z_scale2)
         factor = cfg.gated_learn_factor if warm and score > cfg.learn_gate else 1.0
         learn_x = x
-        if warm:
-            reach = LEARN_CLIP * math.sqrt(var + 1e-300)
+        if warm and (x - mean) ** 2 > LEARN_CLIP * LEARN_CLIP * var:
+            reach = LEARN_CLIP * math.sqrt(var)
             learn_x = min(max(x, mean - reach), mean + reach)
         self.mean[regime], self.var[regime] = ew_step(mean, var, n, learn_x, cfg.alpha, factor)
         self.n[regime] = n + 1.0
@@ -233,7 +234,7 @@ class ReferenceFleet:
         score = combined(total, dev.mean, dev.var, dev.n, cfg)
         warm = dev.n >= cfg.warmup_samples
         factor = cfg.gated_learn_factor if warm and score > cfg.learn_gate else 1.0
-        learn_total = min(total, dev.mean + LEARN_CLIP * math.sqrt(dev.var + 1e-300)) if warm else total
+        learn_total = min(total, dev.mean + LEARN_CLIP * math.sqrt(dev.var)) if warm else total
         dev.mean, dev.var = ew_step(dev.mean, dev.var, dev.n, learn_total, cfg.alpha, factor)
         dev.n += 1.0
         dev.score = score
