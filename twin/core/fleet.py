@@ -162,8 +162,8 @@ def _params(config: CoreConfig) -> np.ndarray:
     params[P_Z_SCALE2] = config.z_scale**2
     params[P_CUSUM_DRIFT] = config.cusum_drift
     params[P_CUSUM_SCALE] = config.cusum_scale
-    # capped so that a long incident decays in about cap/drift samples once it is over
-    params[P_CUSUM_CAP] = config.cusum_scale * 4.0
+    # capped (score 0.83) so that a long incident decays in about cap/drift samples once it is over
+    params[P_CUSUM_CAP] = config.cusum_scale * 5.0
     params[P_LEARN_GATE] = config.learn_gate
     params[P_GATED_FACTOR] = config.gated_learn_factor
     params[P_REL_FLOOR] = config.relative_noise_floor

@@ -75,7 +75,7 @@ class RefChannel:
                 candidates.append(deviation * deviation * inv_var)
             if detector & DET_CUSUM:
                 z = deviation / math.sqrt(var_eff)
-                cap = cfg.cusum_scale * 4.0
+                cap = cfg.cusum_scale * 5.0
                 self.pos = min(max(0.0, self.pos + z - cfg.cusum_drift), cap)
                 self.neg = min(max(0.0, self.neg - z - cfg.cusum_drift), cap)
                 candidates.append(max(self.pos, self.neg) / cfg.cusum_scale * z_scale2)
