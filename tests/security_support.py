@@ -30,6 +30,7 @@ class Probe:
     def subscribe(self, *filters: str, timeout: float = 10) -> list[Any]:
         """Subscribe with QoS 1 and return the SUBACK reason codes."""
         _rc, mid = self.client.subscribe([(f, 1) for f in filters])
+        assert mid is not None, "SUBSCRIBE was not sent"
         with self.cond:
             if not self.cond.wait_for(lambda: mid in self.subacks, timeout):
                 raise AssertionError(f"no SUBACK for {filters}")
@@ -67,7 +68,7 @@ def probe(settings: MqttSettings, **kw: Any) -> Probe:
 
     def on_message(_c: Any, _u: Any, msg: paho.MQTTMessage) -> None:
         with p.cond:
-            p.messages.append((msg.topic, msg.payload, bool(msg.retain)))
+            p.messages.append((msg.topic, bytes(msg.payload), bool(msg.retain)))
             p.cond.notify_all()
 
     def on_subscribe(_c: Any, _u: Any, mid: int, codes: list[Any], _p: Any) -> None:
