@@ -90,7 +90,7 @@ def insight_lines(tenant: str, document: Mapping[str, Any]) -> list[str]:
         point = line(
             "insight",
             {"tenant": tenant, "product_model": document["model"], "product_revision": comparison["revision"],
-             "kpi": comparison["kpi"], "channel": comparison.get("channel") or comparison.get("station"),
+             "kpi": comparison["kpi"], "channel": comparison.get("station") or comparison.get("channel"),
              "baseline_revision": comparison["baseline"]},
             {"effect": comparison["effect"], "p_value": comparison["p_value"], "q_value": comparison["q_value"],
              "ci_low": low, "ci_high": high, "baseline": comparison["baseline_value"], "value": comparison["value"],

@@ -1,0 +1,205 @@
+"""The loop's ``feedback`` and ``insight`` measurements: exact line protocol, and real writes read back
+from a real InfluxDB 1.x (``/write``, InfluxQL) and a real VictoriaMetrics (``/api/v2/write``), also
+through the service fed over a real Mosquitto."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from forgeline.broker import free_port
+from forgeline.contract import topics
+from forgeline.loop.compare import compare_model
+from forgeline.loop.intake import LoopStore
+from forgeline.loop.service import LoopService, ServiceConfig
+from forgeline.loop.simulate import RevisionProfile, simulate_line
+from forgeline.loop.timeseries_out import (
+    InfluxSettings,
+    InfluxWriter,
+    WriteError,
+    feedback_line,
+    insight_lines,
+    line,
+)
+from forgeline.mqtt import MqttSettings, connect
+from tests.conftest import Collector
+
+
+def test_line_protocol_escapes_and_drops_what_influx_cannot_hold() -> None:
+    point = line("insight", {"tenant": "a b", "product_model": "M,1", "product_revision": "r=2", "kpi": "k",
+                             "channel": None}, {"effect": float("nan"), "p_value": 0.5, "flagged": 1}, 2.0)
+    assert point == r"insight,tenant=a\ b,product_model=M\,1,product_revision=r\=2,kpi=k p_value=0.5,flagged=1i " \
+                    "2000000000"
+    text = feedback_line("t", "M", "A", {"ts": 1, "serial": 'S"1\\', "text": "ignored", "fault": True})
+    assert r'serial="S\"1\\"' in text and "fault=1i" in text and "rating" not in text
+    assert line("insight", {"tenant": "t"}, {"effect": float("inf")}, 1.0) is None
+    with pytest.raises(ValueError, match="not in the contract"):
+        line("insight", {"nope": "x"}, {"effect": 1.0}, 1.0)
+    with pytest.raises(ValueError, match="not in the contract"):
+        line("feedback", {}, {"effect": 1.0}, 1.0)
+
+
+def document_with_insights(tenant: str = "acme") -> dict[str, Any]:
+    store = LoopStore()
+    store.ingest_all(m.wire() for m in simulate_line(tenant, "MW-20", [
+        RevisionProfile("A", units=600), RevisionProfile("B", units=600, anomaly_rate_scale={"cavity_temp_rise": 6})],
+        seed=2))
+    document = compare_model(store.model(tenant, "MW-20"), ts=1_700_000_000.0)
+    assert document["insights"][0]["channel"] == "cavity_temp_rise"  # what the databases must show
+    return document
+
+
+# --- real servers ---------------------------------------------------------------------------------------
+
+
+def _http(url: str, data: bytes | None = None, method: str = "GET") -> bytes:
+    with urllib.request.urlopen(urllib.request.Request(url, data=data, method=method), timeout=10) as response:
+        body: bytes = response.read()
+        return body
+
+
+def _wait_http(url: str, process: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}")
+        try:
+            _http(url)
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"{url} did not answer within {timeout}s")
+
+
+@pytest.fixture
+def influxd(tmp_path: Path) -> Iterator[str]:
+    binary = shutil.which("influxd")
+    if binary is None:
+        pytest.fail("influxd is not installed (apt-get install influxdb)")
+    port, rpc = free_port(), free_port()
+    config = tmp_path / "influxdb.conf"
+    config.write_text(f"""reporting-disabled = true
+bind-address = "127.0.0.1:{rpc}"
+[meta]
+  dir = "{tmp_path}/meta"
+[data]
+  dir = "{tmp_path}/data"
+  wal-dir = "{tmp_path}/wal"
+  query-log-enabled = false
+[http]
+  bind-address = "127.0.0.1:{port}"
+  log-enabled = false
+[monitor]
+  store-enabled = false
+[subscriber]
+  enabled = false
+[continuous_queries]
+  enabled = false
+""")
+    log = (tmp_path / "influxd.log").open("wb")
+    process = subprocess.Popen([binary, "-config", str(config)], stdout=log, stderr=log, start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        _wait_http(f"{url}/ping", process)
+        _http(f"{url}/query?" + urllib.parse.urlencode({"q": "CREATE DATABASE forgeline"}), b"", "POST")
+        yield url
+    finally:
+        process.terminate()
+        process.wait(10)
+        log.close()
+
+
+def influxql(url: str, query: str) -> list[dict[str, Any]]:
+    answer = json.loads(_http(f"{url}/query?" + urllib.parse.urlencode({"db": "forgeline", "q": query})))
+    series: list[dict[str, Any]] = answer["results"][0].get("series", [])
+    return [{"tags": s.get("tags", {}), **dict(zip(s["columns"], row, strict=True))}
+            for s in series for row in s["values"]]
+
+
+@pytest.mark.influx
+def test_insights_and_feedback_land_in_influxdb_1x(influxd: str) -> None:
+    document = document_with_insights()
+    writer = InfluxWriter(InfluxSettings(influxd, api="v1"))
+    assert writer.write(insight_lines("acme", document)) == len(document["comparisons"])
+    writer.write([feedback_line("acme", "MW-20", "B", {"ts": 1_700_000_100.0, "serial": "S1", "rating": 2,
+                                                       "category": "door", "source": "customer"})])
+    rows = influxql(influxd, "SELECT effect, q_value, ci_low, ci_high, flagged, channel, kpi, product_revision, "
+                             "baseline_revision FROM insight WHERE tenant = 'acme' AND flagged = 1")
+    flagged = {(r["kpi"], r["channel"], r["product_revision"], r["baseline_revision"]) for r in rows}
+    assert ("anomaly_rate", "cavity_temp_rise", "B", "A") in flagged
+    assert len(rows) == len(document["insights"])
+    [count] = influxql(influxd, "SELECT count(p_value) FROM insight WHERE product_model = 'MW-20'")
+    assert count["count"] == len(document["comparisons"])
+    [feedback] = influxql(influxd, "SELECT rating, fault, serial, category FROM feedback")
+    assert (feedback["rating"], feedback["fault"], feedback["serial"], feedback["category"]) == (2, 0, "S1", "door")
+    # A refused write is an error that says so, and the points are counted as lost.
+    missing = InfluxWriter(InfluxSettings(influxd, api="v1", database="nope"))
+    with pytest.raises(WriteError, match="HTTP 404"):
+        missing.write(insight_lines("acme", document)[:3])
+    assert missing.failed == 3 and missing.written == 0
+
+
+@pytest.mark.influx
+def test_service_writes_both_measurements_while_serving(
+    influxd: str, mqtt_settings: MqttSettings, tenant: str, collect: Callable[..., Collector]
+) -> None:
+    messages = simulate_line(tenant, "MW-20", [RevisionProfile("A", units=150), RevisionProfile("B", units=150)],
+                             seed=4)
+    feedback = sum(1 for m in messages if "/feedback/" in m.topic)
+    watcher = collect(topics.insights_topic(tenant, "MW-20"))
+    config = ServiceConfig(tenant=tenant, interval_s=0.2, influx=InfluxSettings(influxd, api="v1"))
+    with LoopService(mqtt_settings, config) as service:
+        client = connect(mqtt_settings)
+        infos = [client.publish(*m.wire(), qos=1) for m in messages]
+        infos[-1].wait_for_publish(30)
+        client.disconnect()
+        client.loop_stop()
+        watcher.wait_for(lambda ms: any(sum(r["feedback"] for r in json.loads(m.payload)["revisions"]) == feedback
+                                        for m in ms), timeout=60)
+    assert service.influx is not None and service.influx.failed == 0
+    [count] = influxql(influxd, f"SELECT count(fault) FROM feedback WHERE tenant = '{tenant}'")
+    assert count["count"] == feedback
+    tested = influxql(influxd, f"SELECT count(p_value) FROM insight WHERE tenant = '{tenant}'")
+    assert tested and tested[0]["count"] >= 10
+
+
+@pytest.fixture
+def victoria_metrics(tmp_path: Path) -> Iterator[str]:
+    binary = shutil.which("victoria-metrics") or shutil.which("victoria-metrics-prod")
+    if binary is None:
+        pytest.fail("victoria-metrics is not installed (apt-get install victoria-metrics)")
+    port = free_port()
+    log = (tmp_path / "vm.log").open("wb")
+    process = subprocess.Popen([binary, f"-storageDataPath={tmp_path}/vm", f"-httpListenAddr=127.0.0.1:{port}",
+                                "-retentionPeriod=100y"], stdout=log, stderr=log, start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        _wait_http(f"{url}/health", process)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(10)
+        log.close()
+
+
+@pytest.mark.influx
+def test_insights_land_in_victoria_metrics_through_the_v2_write_api(victoria_metrics: str) -> None:
+    document = document_with_insights()
+    writer = InfluxWriter(InfluxSettings(victoria_metrics, api="v2", bucket="loop", token="not-checked"))
+    writer.write(insight_lines("acme", document))
+    _http(f"{victoria_metrics}/internal/force_flush")
+    exported = _http(f"{victoria_metrics}/api/v1/export?" + urllib.parse.urlencode(
+        {"match[]": '{__name__="insight_flagged",kpi="anomaly_rate",channel="cavity_temp_rise"}'}))
+    series = [json.loads(line) for line in exported.decode().splitlines() if line.strip()]
+    assert len(series) == 1
+    assert series[0]["metric"]["product_revision"] == "B" and series[0]["values"] == [1]
+    assert series[0]["timestamps"] == [1_700_000_000_000]
