@@ -22,13 +22,13 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from forgeline.broker import start_broker  # noqa: E402
-from forgeline.contract import topics  # noqa: E402
-from forgeline.loop.compare import compare_model  # noqa: E402
-from forgeline.loop.intake import LoopStore  # noqa: E402
-from forgeline.loop.service import LoopService, ServiceConfig  # noqa: E402
-from forgeline.loop.simulate import RevisionProfile, simulate_line  # noqa: E402
-from forgeline.mqtt import MqttSettings, connect  # noqa: E402
+from forgeline.broker import start_broker
+from forgeline.contract import topics
+from forgeline.loop.compare import compare_model
+from forgeline.loop.intake import LoopStore
+from forgeline.loop.service import LoopService, ServiceConfig
+from forgeline.loop.simulate import RevisionProfile, simulate_line
+from forgeline.mqtt import MqttSettings, connect
 
 
 def progress(text: str) -> None:
@@ -140,7 +140,8 @@ def bench_statistics(null_seeds: int, power_seeds: int) -> dict[str, Any]:
                                seed=20_000 + seed)["insights"])
     progress(f"null: {noisy}/{null_seeds} seeds raised an insight")
     injections = {
-        "cavity_anomaly_rate_x3": ({"anomaly_rate_scale": {"cavity_temp_rise": 3.0}}, "anomaly_rate", "cavity_temp_rise"),
+        "cavity_anomaly_rate_x3": ({"anomaly_rate_scale": {"cavity_temp_rise": 3.0}}, "anomaly_rate",
+                                   "cavity_temp_rise"),
         "door_leakage_x1.5": ({"door_leakage_scale": 1.5}, "defect_rate", "door_leakage"),
         "door_complaints_0.02": ({"complaint_rate": {"door": 0.02}}, "complaint_rate", "door"),
     }
