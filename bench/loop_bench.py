@@ -139,7 +139,7 @@ def bench_statistics(null_seeds: int, power_seeds: int) -> dict[str, Any]:
         noisy += bool(run_case([RevisionProfile("A", units=500), RevisionProfile("B", units=500)],
                                seed=20_000 + seed)["insights"])
     progress(f"null: {noisy}/{null_seeds} seeds raised an insight")
-    injections = {
+    injections: dict[str, tuple[dict[str, Any], str, str]] = {
         "cavity_anomaly_rate_x3": ({"anomaly_rate_scale": {"cavity_temp_rise": 3.0}}, "anomaly_rate",
                                    "cavity_temp_rise"),
         "door_leakage_x1.5": ({"door_leakage_scale": 1.5}, "defect_rate", "door_leakage"),
