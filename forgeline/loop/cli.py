@@ -50,6 +50,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     serve.add_argument("--tenant", default="+", help="one tenant, or + for every tenant (default)")
     serve.add_argument("--interval", type=float, default=10.0, help="seconds between comparison rounds")
     serve.add_argument("--state", type=Path, help="JSON file keeping accepted data across restarts")
+    serve.add_argument("--state-interval", type=float, default=60.0,
+                       help="write the state file at most this often, in seconds (and always at stop)")
     serve.add_argument("--influx-url", help="InfluxDB URL for the feedback and insight measurements")
     serve.add_argument("--influx-api", choices=["v1", "v2"], default="v2", help="write API (default v2)")
     serve.add_argument("--influx-bucket", default="forgeline")
@@ -193,7 +195,7 @@ def _serve(args: argparse.Namespace) -> int:
         influx = InfluxSettings(args.influx_url, api=args.influx_api, bucket=args.influx_bucket, org=args.influx_org,
                                 token=os.environ.get(args.influx_token_env), database=args.influx_database)
     config = ServiceConfig(tenant=args.tenant, interval_s=args.interval, loop=_loop_config(args),
-                           state_file=args.state, influx=influx)
+                           state_file=args.state, state_interval_s=args.state_interval, influx=influx)
     service = LoopService(_mqtt_settings(args, args.broker), config)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

@@ -50,6 +50,7 @@ class ServiceConfig:
     influx: InfluxSettings | None = None
     client_id: str | None = None
     publish_timeout_s: float = 10.0
+    state_interval_s: float = 60.0  # the state file grows with the units seen: written at most this often
 
     def __post_init__(self) -> None:
         if self.tenant != "+":
@@ -95,6 +96,7 @@ class LoopService:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._pending_lines: list[str] = []
+        self._state_saved = time.monotonic()
 
     # --- lifecycle ---
 
@@ -201,7 +203,7 @@ class LoopService:
             except WriteError as exc:
                 self.counters["influx_errors"] += 1
                 log.warning("%s", exc)
-        if published:
+        if published and time.monotonic() - self._state_saved >= self.config.state_interval_s:
             self.save_state()
         return published
 
@@ -236,6 +238,7 @@ class LoopService:
         temporary = path.with_suffix(path.suffix + ".tmp")
         temporary.write_text(text)
         os.replace(temporary, path)  # atomic: a crash leaves the old state or the new, never half
+        self._state_saved = time.monotonic()
 
 
 def _frozen(model: ModelData) -> ModelData:
