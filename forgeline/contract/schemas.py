@@ -301,6 +301,15 @@ _comparison: Schema = _obj(
             {"estimate": _probability, "ci": {"type": "array", "items": _probability, "minItems": 2, "maxItems": 2}},
             description="P(revision > baseline) + P(tie)/2, with its interval (rank tests)",
         ),
+        "posterior": _obj(
+            ["prob_higher"],
+            {
+                "prior": {"type": "string"},
+                "prob_higher": _probability,
+                "prob_worse": {"type": ["number", "null"], "minimum": 0, "maximum": 1},
+            },
+            description="beta-binomial posterior probability that the revision's proportion is higher / worse",
+        ),
         "summary": {"type": "string", "maxLength": 1024},
     },
 )

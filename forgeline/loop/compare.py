@@ -106,8 +106,10 @@ class Comparison:
             effect = f"{self.effect * 100:+.2f} pp (CI {low * 100:+.2f} to {high * 100:+.2f})"
         else:
             effect = f"{self.effect:+.4g} {self.unit} (CI {low:+.4g} to {high:+.4g})".replace("  ", " ")
+        posterior = self.extra.get("posterior", {}).get("prob_worse")
+        belief = f", P(worse) = {posterior:.1%}" if posterior is not None else ""
         return (f"revision {self.revision} vs {self.baseline}: {what} {self.direction}, {effect}, "
-                f"q = {self.q_value:.2g}")
+                f"q = {self.q_value:.2g}{belief}")
 
     def to_json(self) -> dict[str, Any]:
         document: dict[str, Any] = {
@@ -174,10 +176,14 @@ def _proportion(kpi: Kpi, channel: str | None, revision: RevisionData, baseline:
         return None
     p_value = stats.fisher_exact_p(x1, n1, x2, n2)
     low, high = stats.newcombe_difference_interval(x1, n1, x2, n2, config.confidence)
+    prob_higher = stats.beta_prob_greater(x1, n1, x2, n2)
+    higher_is = direction(kpi, channel, 1.0)
+    prob_worse = prob_higher if higher_is == "worse" else 1 - prob_higher if higher_is == "better" else None
     return Comparison(
         revision.revision, baseline.revision, kpi, channel, None, Test.FISHER_EXACT, EffectKind.DIFFERENCE,
         x1 / n1 - x2 / n2, (low, high), p_value, x1 / n1, x2 / n2,
         {"revision": {"events": x1, "n": n1}, "baseline": {"events": x2, "n": n2}},
+        extra={"posterior": {"prior": "beta(1,1)", "prob_higher": prob_higher, "prob_worse": prob_worse}},
     )
 
 

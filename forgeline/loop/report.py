@@ -241,6 +241,11 @@ def _evidence(comparison: dict[str, Any]) -> str:
     return f"median {mine.get('median', 0):.4g} (n={mine['n']}) vs {theirs.get('median', 0):.4g} (n={theirs['n']})"
 
 
+def _prob_worse(comparison: dict[str, Any]) -> str:
+    value = (comparison.get("posterior") or {}).get("prob_worse")
+    return "" if value is None else f"{value:.1%}"
+
+
 def _table(comparisons: Iterable[dict[str, Any]], css_id: str) -> str:
     rows = []
     for c in comparisons:
@@ -255,11 +260,13 @@ def _table(comparisons: Iterable[dict[str, Any]], css_id: str) -> str:
                 f'<td class="num">{c["p_value"]:.3g}</td>',
                 f'<td class="num">{c["q_value"]:.3g}</td>',
                 f"<td>{_e(_evidence(c))}</td>",
+                f'<td class="num">{_e(_prob_worse(c))}</td>',
                 f"<td>{_e(c['test'])}</td>",
             ]) + "</tr>"
         )
     head = "".join(f"<th>{h}</th>" for h in ("revisions", "KPI", "channel / station", "direction",
-                                              "effect [95 % CI]", "p", "q (BH)", "evidence", "test"))
+                                              "effect [95 % CI]", "p", "q (BH)", "evidence", "P(worse)",
+                                              "test"))
     return f'<table id="{css_id}"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
 
 

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
+from scipy import special as _special
 from scipy import stats as _sp
 
 # Relative tolerance when summing "tables at most as probable as the observed one" in exact tests:
@@ -90,6 +91,28 @@ def newcombe_difference_interval(
     low = difference - math.sqrt((p1 - l1) ** 2 + (u2 - p2) ** 2)
     high = difference + math.sqrt((u1 - p1) ** 2 + (p2 - l2) ** 2)
     return max(-1.0, low), min(1.0, high)
+
+
+def beta_prob_greater(successes_1: int, trials_1: int, successes_2: int, trials_2: int) -> float:
+    """Beta-binomial posterior probability that ``p1 > p2``, each with a uniform Beta(1, 1) prior.
+
+    With integer posterior parameters the probability has a closed form (a finite sum over the first
+    posterior's alpha), summed in log space so thousands of events stay exact to rounding.
+    """
+    _check_counts(successes_1, trials_1, "group 1")
+    _check_counts(successes_2, trials_2, "group 2")
+    alpha_1, beta_1 = successes_1 + 1, trials_1 - successes_1 + 1
+    alpha_2, beta_2 = successes_2 + 1, trials_2 - successes_2 + 1
+    i = np.arange(alpha_1, dtype=np.float64)
+
+    def log_beta(a: NDArray[np.float64] | float, b: NDArray[np.float64] | float) -> NDArray[np.float64]:
+        return np.asarray(_special.gammaln(a) + _special.gammaln(b) - _special.gammaln(np.add(a, b)))
+
+    # Evan Miller's closed form: P(p1 > p2) = sum over i = 0 .. alpha_1 - 1 of
+    # B(alpha_2 + i, beta_1 + beta_2) / ((beta_1 + i) B(1 + i, beta_1) B(alpha_2, beta_2)).
+    log_terms = (log_beta(alpha_2 + i, beta_1 + beta_2) - np.log(beta_1 + i) - log_beta(1 + i, beta_1)
+                 - log_beta(alpha_2, beta_2))
+    return min(1.0, max(0.0, float(np.exp(_special.logsumexp(log_terms)))))
 
 
 def fisher_exact_p(successes_1: int, trials_1: int, successes_2: int, trials_2: int) -> float:
