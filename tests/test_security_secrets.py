@@ -139,7 +139,8 @@ def test_config_reprs_hide_passwords() -> None:
     import dataclasses
     import importlib
 
-    checked = []
+    checked: list[str] = []
+    examined: list[str] = []
     for path in _sources():
         module_name = ".".join(path.relative_to(REPO).with_suffix("").parts)
         if module_name.endswith("__main__"):
@@ -152,6 +153,10 @@ def test_config_reprs_hide_passwords() -> None:
             if not (isinstance(obj, type) and dataclasses.is_dataclass(obj) and obj.__module__ == module_name):
                 continue
             for f in dataclasses.fields(obj):
-                if SECRET_NAME.search(f.name) and f.repr and "__repr__" not in vars(obj):
+                if not SECRET_NAME.search(f.name):
+                    continue
+                examined.append(obj.__name__)
+                if f.repr and "__repr__" not in vars(obj):
                     checked.append(f"{module_name}.{obj.__name__}.{f.name}")
+    assert "MqttSettings" in examined, "the scan did not reach forgeline.mqtt"
     assert checked == [], f"dataclass fields shown in repr: {checked}"
