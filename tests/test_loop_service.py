@@ -19,6 +19,7 @@ import pytest
 
 from forgeline.broker import RunningBroker
 from forgeline.contract import schemas, topics
+from forgeline.loop.intake import LoopStore
 from forgeline.loop.service import LoopService, ServiceConfig, fit_document
 from forgeline.loop.simulate import RevisionProfile, simulate_line
 from forgeline.mqtt import MqttSettings, connect
@@ -174,6 +175,49 @@ def test_serve_process_and_report_from_the_broker(mosquitto: RunningBroker, mqtt
         capture_output=True, text=True, env=env, timeout=60,
     )
     assert missing.returncode == 2 and "no retained insights" in missing.stderr
+
+
+def totals(messages: list[tuple[str, bytes]]) -> tuple[int, int]:
+    """Units and feedback that ``messages`` amount to, counted by the store itself."""
+    store = LoopStore()
+    store.ingest_all(messages)
+    revisions = [r for m in store for r in m.revisions.values()]
+    return sum(r.units for r in revisions), sum(r.feedback for r in revisions)
+
+
+def test_killed_serve_process_loses_nothing_it_acknowledged(
+    mosquitto: RunningBroker, mqtt_settings: MqttSettings, tenant: str, tmp_path: Path,
+    collect: Callable[..., Collector]
+) -> None:
+    url = f"mqtt://{mosquitto.host}:{mosquitto.port}"
+    state = tmp_path / "state.json"
+    command = [sys.executable, "-m", "forgeline.cli", "loop", "serve", "--broker", url, "--tenant", tenant,
+               "--interval", "0.2", "--state", str(state), "--state-interval", "3600",
+               "--mqtt-protocol", "5" if mosquitto.mqtt5 else "4"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    insights_topic = topics.insights_topic(tenant, "MW-20")
+    watcher = collect(insights_topic)
+    messages, units, feedback = line_data(tenant, seed=12, units=150)
+    half = len(messages) * 2 // 3
+    first = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, env=env, text=True)
+    try:
+        assert first.stderr is not None and "loop service on" in first.stderr.readline()
+        publish_all(mqtt_settings, messages[:half])
+        watcher.wait_for(settled(insights_topic, *totals(messages[:half])), timeout=60)
+    finally:
+        first.kill()  # SIGKILL: no clean shutdown, no final state file
+        first.wait(10)
+    assert not state.exists(), "the snapshot was not due yet: only the journal holds the data"
+    second = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True)
+    try:
+        assert second.stderr is not None and "loop service on" in second.stderr.readline()
+        publish_all(mqtt_settings, messages[half:])
+        watcher.wait_for(settled(insights_topic, units, feedback), timeout=60)
+    finally:
+        second.send_signal(signal.SIGTERM)
+        second.communicate(timeout=30)
+    assert second.returncode == 0 and state.exists()
+    assert (tmp_path / "state.json.journal").read_text() == ""  # folded into the snapshot at the clean stop
 
 
 @pytest.mark.parametrize("bad", [{"tenant": "_sys"}, {"interval_s": 0}])

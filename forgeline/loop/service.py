@@ -25,7 +25,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import paho.mqtt.client as paho
 
@@ -80,6 +80,10 @@ def fit_document(document: dict[str, Any], limit: int = schemas.MAX_JSON_PAYLOAD
     return trimmed
 
 
+# Outcomes of LoopStore.ingest that change the store (and so go to the journal).
+_STATE_CHANGING = frozenset({"unit", "feedback", "anomaly", "status"})
+
+
 class LoopService:
     def __init__(self, settings: MqttSettings, config: ServiceConfig | None = None,
                  store: LoopStore | None = None) -> None:
@@ -97,6 +101,7 @@ class LoopService:
         self._thread: threading.Thread | None = None
         self._pending_lines: list[str] = []
         self._state_saved = time.monotonic()
+        self._journal: TextIO | None = None
 
     # --- lifecycle ---
 
@@ -162,6 +167,8 @@ class LoopService:
             except IntakeError as exc:
                 self._dead_letter(topic, payload, str(exc))
                 return "rejected"
+            if outcome in _STATE_CHANGING:
+                self._journal_append(topic, payload)
             if outcome == "feedback" and self.influx is not None and document is not None:
                 parsed = topics.parse(topic)
                 assert parsed.tenant and parsed.model and parsed.revision
@@ -223,11 +230,39 @@ class LoopService:
 
     # --- state ---
 
+    # The state file is a snapshot written now and then; every message accepted since is appended to a
+    # journal next to it (flushed per message), so a killed process loses nothing it acknowledged. Replaying
+    # the journal is idempotent (units, feedback and anomalies are de-duplicated), which makes a crash
+    # between writing the snapshot and emptying the journal harmless.
+
+    @property
+    def journal_file(self) -> Path | None:
+        path = self.config.state_file
+        return None if path is None else path.with_name(path.name + ".journal")
+
+    def _journal_append(self, topic: str, payload: bytes) -> None:
+        if self.journal_file is None:
+            return
+        if self._journal is None:
+            self._journal = self.journal_file.open("a", encoding="utf-8")
+        self._journal.write(json.dumps({"topic": topic, "payload": payload.decode("utf-8")}) + "\n")
+        self._journal.flush()
+
     def _load_state(self) -> LoopStore:
         path = self.config.state_file
-        if path is None or not path.exists():
-            return LoopStore()
-        return LoopStore.restore(json.loads(path.read_text()))
+        store = LoopStore.restore(json.loads(path.read_text())) if path is not None and path.exists() else LoopStore()
+        journal = self.journal_file
+        if journal is not None and journal.exists():
+            replayed = 0
+            for line in journal.read_text(encoding="utf-8").splitlines():
+                try:
+                    record = json.loads(line)
+                    store.ingest(record["topic"], record["payload"].encode("utf-8"))
+                    replayed += 1
+                except (ValueError, KeyError, TypeError, IntakeError):
+                    continue  # a line torn by a crash mid-write, or input the store refuses again
+            log.info("replayed %d journaled messages from %s", replayed, journal)
+        return store
 
     def save_state(self) -> None:
         path = self.config.state_file
@@ -235,10 +270,15 @@ class LoopService:
             return
         with self.lock:
             text = json.dumps(self.store.snapshot(), separators=(",", ":"))
-        temporary = path.with_suffix(path.suffix + ".tmp")
-        temporary.write_text(text)
-        os.replace(temporary, path)  # atomic: a crash leaves the old state or the new, never half
-        self._state_saved = time.monotonic()
+            temporary = path.with_suffix(path.suffix + ".tmp")
+            temporary.write_text(text)
+            os.replace(temporary, path)  # atomic: a crash leaves the old state or the new, never half
+            if self._journal is not None:
+                self._journal.close()
+                self._journal = None
+            if self.journal_file is not None:
+                self.journal_file.write_text("")  # everything in it is in the snapshot now
+            self._state_saved = time.monotonic()
 
 
 def _frozen(model: ModelData) -> ModelData:
