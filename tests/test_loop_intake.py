@@ -86,6 +86,22 @@ def test_unit_without_revision_takes_the_one_the_station_announced() -> None:
     assert store.model("acme", "MW-20").revisions["C"].units == 1
 
 
+def test_print_jobs_tagged_with_a_process_profile_version_count_as_units_of_it() -> None:
+    printer = DeviceRef("factory1", "site", "cell", "sls-3")
+
+    def job(kind: str, job_id: str, **extra: object) -> bytes:
+        return json.dumps({"type": kind, "ts": 50.0, "job_id": job_id, "material": "PA12",
+                           "product_model": "PA12-standard", "product_revision": "v7", **extra}).encode()
+
+    store = LoopStore()
+    outcomes = [store.ingest(printer.event_topic, payload) for payload in [
+        job("job_finished", "J1"), job("job_aborted", "J2"), job("job_finished", "J3", good=False, defect="warp"),
+        job("job_started", "J4")]]
+    assert outcomes == ["unit", "unit", "unit", "ignored"]
+    revision = store.model("factory1", "PA12-standard").revisions["v7"]
+    assert (revision.units, revision.good, dict(revision.defects)) == (3, 1, {"aborted": 1, "warp": 1})
+
+
 def test_feedback_is_linked_to_the_serial_production_record() -> None:
     store = LoopStore()
     store.ingest(LEAK.event_topic, unit("S1", "A"))

@@ -56,6 +56,9 @@ _SCHEMA_OF_KIND = {
 }
 
 
+_JOB_END = frozenset({"job_finished", "job_aborted"})
+
+
 class IntakeError(ValueError):
     """A message the loop cannot use; the text says why (and becomes the dead letter's reason)."""
 
@@ -330,7 +333,14 @@ class LoopStore:
     # --- decoded documents ---
 
     def ingest_event(self, device: DeviceRef, event: dict[str, Any]) -> str:
-        if event["type"] != "unit_produced":
+        if event["type"] in _JOB_END and event.get("product_model") and event.get("product_revision"):
+            # A print job tagged with its process profile (model) and profile version (revision) is a
+            # "unit" of that profile: a finished job is good unless it says otherwise, an aborted one failed.
+            aborted = event["type"] == "job_aborted"
+            event = {**event, "serial": event.get("serial") or event.get("job_id"),
+                     "good": bool(event.get("good", True)) and not aborted,
+                     "defect": event.get("defect") or ("aborted" if aborted else None)}
+        elif event["type"] != "unit_produced":
             return self._ignored()
         ts = float(event["ts"])
         serial = event.get("serial")
