@@ -149,3 +149,16 @@ def test_rate_with_no_baseline_events_has_an_infinite_ratio_sent_as_null() -> No
     assert hipot["effect"] is None and hipot["ci"][1] is None and hipot["flagged"]
     assert hipot["evidence"]["baseline"]["events"] == 0
     assert math.isfinite(hipot["ci"][0]) and hipot["ci"][0] > 1
+
+
+def test_feedback_rates_need_known_production_but_ratings_do_not() -> None:
+    store = LoopStore()
+    for message in simulate_line("acme", "MW-20", [RevisionProfile("A", units=600), RevisionProfile("B", units=600)],
+                                 seed=21):
+        # Revision B is known only from the field: its production was never seen.
+        if "/feedback/" in message.topic or message.payload.get("product_revision") != "B":
+            store.ingest_document(message.topic, message.payload)
+    document = compare_model(store.model("acme", "MW-20"), ts=0.0)
+    kpis = {c["kpi"] for c in document["comparisons"]}
+    assert "rating" in kpis
+    assert not kpis & {"field_fault_rate", "complaint_rate", "first_pass_yield"}

@@ -273,8 +273,9 @@ def compare_pair(revision: RevisionData, baseline: RevisionData, config: LoopCon
             found.append(_continuous(Kpi.MEASUREMENT, name, None, revision.revision, baseline.revision,
                                      mine.values, theirs.values, config.min_samples, config,
                                      (mine.seen, theirs.seen)))
-    # Feedback rates need units in the field on both sides (the exposure is produced units).
-    if revision.feedback or baseline.feedback:
+    # Feedback rates need known production on both sides: the exposure is produced units, and a revision
+    # known only from its feedback would compare "complaints per feedback" with "complaints per unit".
+    if (revision.feedback or baseline.feedback) and min(revision.units, baseline.units) >= config.min_units:
         found.append(_proportion(Kpi.FIELD_FAULT_RATE, None, revision, baseline,
                                  lambda r: len(r.fault_serials), lambda r: r.field_exposure, config))
         found.append(_proportion(Kpi.COMPLAINT_RATE, None, revision, baseline,
