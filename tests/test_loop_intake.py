@@ -183,3 +183,49 @@ def test_sample_ignores_nan_and_inf() -> None:
     for serial, value in [("a", float("nan")), ("b", float("inf")), ("c", 1.0)]:
         sample.add(serial, value)
     assert sample.values == [1.0] and sample.seen == 1
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=12),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=12,
+)
+VALID = {
+    LEAK.event_topic: {"type": "unit_produced", "ts": 10.0, "serial": "S1", "product_model": "MW-20",
+                       "product_revision": "A", "good": False, "defect": "door_leakage", "cycle_time": 18.0,
+                       "measurements": {"door_leakage": 1.2}},
+    POWER.anomaly_topic: {"device": POWER.key, "ts": 11.0, "phase": "start", "score": 0.9,
+                          "channels": ["cavity_temp_rise"], "event_id": "e1"},
+    POWER.status_topic: {"status": "online", "ts": 1.0, "technology": "line", "channels": [],
+                         "product_model": "MW-20", "product_revision": "A"},
+    topics.feedback_topic("acme", "MW-20", "A"): {"ts": 20.0, "serial": "S1", "rating": 3, "category": "door",
+                                                  "fault": True, "source": "service"},
+}
+
+
+@given(st.sampled_from(sorted(VALID)), st.data())
+@settings(max_examples=300, deadline=None)
+def test_near_valid_input_is_accepted_or_rejected_never_crashes(topic: str, data: st.DataObject) -> None:
+    """Mutate one field of a valid message (or drop it): the store either files it or raises IntakeError,
+    and what it accepted before stays."""
+    store = LoopStore()
+    store.ingest(LEAK.event_topic, json.dumps(VALID[LEAK.event_topic]).encode())
+    before = store.model("acme", "MW-20").revisions["A"].units
+    document = dict(VALID[topic])
+    key = data.draw(st.sampled_from(sorted(document)))
+    if data.draw(st.booleans()):
+        del document[key]
+    else:
+        document[key] = data.draw(json_values)
+    try:
+        outcome = store.ingest(topic, json.dumps(document).encode())
+    except IntakeError as exc:
+        assert str(exc)
+        outcome = "rejected"
+    assert outcome in {"unit", "feedback", "anomaly", "status", "ignored", "duplicate", "unattributed",
+                       "rejected"}
+    assert store.model("acme", "MW-20").revisions["A"].units >= before
+    json.dumps(store.snapshot(), allow_nan=False)  # nothing non-finite got into the state
+    for model in store:
+        compare_model(model, ts=0.0)  # and the comparison still runs on it
