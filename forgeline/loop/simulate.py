@@ -45,6 +45,11 @@ NOMINAL_ANOMALY_RATE = {  # anomaly starts per unit, per channel
     "magnetron_power": 0.01, "cavity_temp_rise": 0.015, "door_leakage": 0.01, "hipot_current": 0.005,
     "insulation_resistance": 0.005, "cycle_time": 0.01,
 }
+EXCURSION_UNITS = 6  # units an excursion lasts
+EXCURSION_SHIFT = {  # added to a measured channel during an excursion (about 6 standard deviations)
+    "magnetron_power": -90.0, "cavity_temp_rise": 2.5, "door_leakage": 0.6, "hipot_current": 1.8,
+    "insulation_resistance": -400.0,
+}
 COMPLAINT_CATEGORIES = ("heating", "door", "noise", "electrical", "display", "cosmetic")
 
 
@@ -64,6 +69,9 @@ class RevisionProfile:
     complaint_rate: dict[str, float] = field(default_factory=dict)  # category -> per unit shipped
     review_rate: float = 0.08  # share of shipped units whose user leaves a rating
     rating_weights: tuple[float, float, float, float, float] = (0.03, 0.05, 0.15, 0.37, 0.40)
+    # Process excursions in the measured values themselves (what the twin's detectors see in telemetry):
+    # channel -> probability per unit that an excursion of EXCURSION_UNITS units starts. 0 = none.
+    excursion_rate: dict[str, float] = field(default_factory=dict)
 
     def anomaly_rate(self, channel: str) -> float:
         return NOMINAL_ANOMALY_RATE.get(channel, 0.0) * self.anomaly_rate_scale.get(channel, 1.0)
@@ -96,14 +104,19 @@ def simulate_line(
     start_ts: float = 1_700_000_000.0,
     takt_s: float = 70.0,
     feedback: bool = True,
+    twin_anomalies: bool = True,
 ) -> list[Message]:
-    """Messages of producing ``revisions`` one after the other on one line, sorted by time."""
+    """Messages of producing ``revisions`` one after the other on one line, sorted by time.
+
+    ``twin_anomalies=False`` leaves out the simulated anomaly events, for runs where the real twin core
+    detects anomalies in :func:`unit_telemetry` instead."""
     rng = random.Random(seed)
     devices = {name: DeviceRef(tenant, site, area, name) for name in STATIONS}
     event_topics = {name: device.event_topic for name, device in devices.items()}
     messages: list[Message] = []
     ts = start_ts
     serial_number = 0
+    excursions: dict[str, int] = {}  # channel -> units the running excursion still lasts
     for profile in revisions:
         for name, device in devices.items():
             # The stations announce the revision they are set up for when production of it starts.
@@ -121,6 +134,8 @@ def simulate_line(
             for name, device in devices.items():
                 station_ts += 1.0
                 report = _station_report(rng, profile, name)
+                if profile.excursion_rate:
+                    _apply_excursions(rng, profile, report, excursions)
                 event: dict[str, Any] = {
                     "type": "unit_produced", "ts": round(station_ts, 3), "serial": serial,
                     "product_model": model, "product_revision": profile.revision, "good": report.good,
@@ -131,7 +146,7 @@ def simulate_line(
                 if report.defect:
                     event["defect"] = report.defect
                 messages.append(Message(event_topics[name], event, "event"))
-                for channel in (*STATIONS[name], "cycle_time"):
+                for channel in (*STATIONS[name], "cycle_time") if twin_anomalies else ():
                     if rng.random() < profile.anomaly_rate(channel):
                         messages += _anomaly(device, channel, station_ts + rng.uniform(0.1, 0.9), rng)
                 if not report.good:
@@ -181,6 +196,36 @@ def _station_report(rng: random.Random, profile: RevisionProfile, station: str) 
         elif resistance < 2:
             defect = "insulation_resistance"
     return _Report(defect is None, cycle_time, measurements, defect)
+
+
+def _apply_excursions(rng: random.Random, profile: RevisionProfile, report: _Report,
+                      excursions: dict[str, int]) -> None:
+    for channel in list(report.measurements):
+        if excursions.get(channel, 0) == 0 and rng.random() < profile.excursion_rate.get(channel, 0.0):
+            excursions[channel] = EXCURSION_UNITS
+        if excursions.get(channel, 0) > 0:
+            excursions[channel] -= 1
+            report.measurements[channel] = round(report.measurements[channel] + EXCURSION_SHIFT[channel], 4)
+
+
+def unit_telemetry(messages: Iterable[Message]) -> dict[str, list[tuple[int, str, float]]]:
+    """The telemetry a station's agent would send for the units it reports: per device key, samples
+    ``(t_us, channel, value)`` of every measurement and the cycle time, with the machine state
+    ``producing`` (for the twin core and its detectors)."""
+    from forgeline.contract.vocabulary import DeviceState
+
+    samples: dict[str, list[tuple[int, str, float]]] = {}
+    for message in messages:
+        if message.payload.get("type") != "unit_produced":
+            continue
+        parsed = topics.parse(message.topic)
+        assert parsed.device is not None
+        t_us = round(message.payload["ts"] * 1e6)
+        rows = samples.setdefault(parsed.device.key, [])
+        rows.append((t_us, "state", float(DeviceState.PRINTING)))
+        rows.append((t_us, "cycle_time", float(message.payload["cycle_time"])))
+        rows += [(t_us, channel, float(value)) for channel, value in message.payload.get("measurements", {}).items()]
+    return samples
 
 
 def _anomaly(device: DeviceRef, channel: str, ts: float, rng: random.Random) -> list[Message]:
