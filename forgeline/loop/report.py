@@ -193,7 +193,7 @@ def box_chart(title: str, per_revision: Sequence[tuple[str, dict[str, float]]], 
     for tick in _ticks(low, high, 4):
         svg.line(left - 4, y(tick), left, y(tick), MUTED)
         svg.text(left - 6, y(tick) + 4, f"{tick:.4g}", anchor="end", size=10, color=MUTED)
-    svg.text(12, top - 6, unit, size=10, color=MUTED)
+    svg.text(width - 10, 18, unit, anchor="end", size=10, color=MUTED)
     step = (width - left - 20) / max(1, len(per_revision))
     for index, (name, q) in enumerate(per_revision):
         centre = left + step * (index + 0.5)
