@@ -172,6 +172,31 @@ def test_service_writes_both_measurements_while_serving(
     assert tested and tested[0]["count"] >= 10
 
 
+@pytest.mark.influx
+def test_points_wait_while_the_database_is_unreachable(influxd: str, mqtt_settings: MqttSettings,
+                                                        tenant: str) -> None:
+    config = ServiceConfig(tenant=tenant, interval_s=3600, influx=InfluxSettings(influxd, api="v1"),
+                           influx_retry_points=10_000)
+    service = LoopService(mqtt_settings, config)
+    assert service.influx is not None
+    good = service.influx.settings
+    service.influx.settings = InfluxSettings(f"http://127.0.0.1:{free_port()}", api="v1", timeout_s=2)
+    messages = simulate_line(tenant, "MW-20", [RevisionProfile("A", units=60)], seed=1)
+    service.start()
+    try:
+        for message in messages:
+            service.handle(*message.wire())
+        feedback = sum(1 for m in messages if "/feedback/" in m.topic)
+        assert service.publish_due() == 1
+        assert service.counters["influx_errors"] == 1 and service.influx.failed == feedback
+        service.influx.settings = good  # the database is back
+        service.publish_due()
+    finally:
+        service.stop()
+    [count] = influxql(influxd, f"SELECT count(fault) FROM feedback WHERE tenant = '{tenant}'")
+    assert count["count"] == feedback and service.counters["influx_dropped"] == 0
+
+
 @pytest.fixture
 def victoria_metrics(tmp_path: Path) -> Iterator[str]:
     binary = shutil.which("victoria-metrics") or shutil.which("victoria-metrics-prod")

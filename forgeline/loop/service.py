@@ -51,6 +51,7 @@ class ServiceConfig:
     client_id: str | None = None
     publish_timeout_s: float = 10.0
     state_interval_s: float = 60.0  # the state file grows with the units seen: written at most this often
+    influx_retry_points: int = 100_000  # points kept for the next round while the database refuses writes
 
     def __post_init__(self) -> None:
         if self.tenant != "+":
@@ -94,7 +95,7 @@ class LoopService:
         self.lock = threading.Lock()
         self.published_versions: dict[tuple[str, str], int] = {}
         self.counters = {"messages": 0, "dead_letters": 0, "published": 0, "publish_errors": 0,
-                         "influx_errors": 0}
+                         "influx_errors": 0, "influx_dropped": 0}
         self.last_documents: dict[tuple[str, str], dict[str, Any]] = {}
         self._client: paho.Client | None = None
         self._stop = threading.Event()
@@ -210,9 +211,20 @@ class LoopService:
             except WriteError as exc:
                 self.counters["influx_errors"] += 1
                 log.warning("%s", exc)
+                self._keep_for_retry(lines)
         if published and time.monotonic() - self._state_saved >= self.config.state_interval_s:
             self.save_state()
         return published
+
+    def _keep_for_retry(self, lines: list[str]) -> None:
+        """Points the database refused wait for the next round; beyond the bound the oldest are dropped,
+        counted in ``influx_dropped`` (insight points are recomputed every round; feedback points are not)."""
+        with self.lock:
+            self._pending_lines[:0] = lines
+            excess = len(self._pending_lines) - self.config.influx_retry_points
+            if excess > 0:
+                del self._pending_lines[:excess]
+                self.counters["influx_dropped"] += excess
 
     def _publish(self, topic: str, payload: bytes) -> bool:
         if self._client is None:
