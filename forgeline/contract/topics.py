@@ -139,6 +139,11 @@ class DeviceRef:
     def command_response_topic(self, command: str) -> str:
         return self.topic(Kind.CMDRES, command)
 
+    @property
+    def command_filter(self) -> str:
+        """A subscription filter for every command addressed to this device (the agent subscribes to it)."""
+        return f"{PREFIX}/{self.tenant}/{Kind.CMD.value}/{self.site}/{self.area}/{self.device}/+"
+
 
 @dataclass(frozen=True)
 class ParsedTopic:
