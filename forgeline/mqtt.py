@@ -53,6 +53,8 @@ class MqttSettings:
     def from_url(cls, url: str, **overrides: Any) -> MqttSettings:
         """``mqtt://host:port`` or ``mqtts://host:port`` (TLS); ``mqtts://user:password@host:port`` also
         sets the credentials (percent-decoded; the password appears in no error message or repr)."""
+        if not isinstance(url, str):
+            raise ValueError(f"broker URL must be a string like mqtt://host:1883, not {type(url).__name__}")
         # Credentials are cut off before anything can echo the URL back.
         userinfo, at, address = url.rpartition("@")
         shown = f"<credentials>@{address}" if at else url

@@ -43,6 +43,12 @@ def test_credentials_in_a_broker_url_never_echo() -> None:
     assert MqttSettings.from_url("mqtt://h:1884").username is None
 
 
+@pytest.mark.parametrize("url", [None, 1883, b"mqtt://h:1", ["mqtt://h:1"]])
+def test_a_broker_url_that_is_not_text_is_a_clear_value_error(url: object) -> None:
+    with pytest.raises(ValueError, match="must be a string"):
+        MqttSettings.from_url(url)  # type: ignore[arg-type]
+
+
 @pytest.fixture(scope="module")
 def secure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureBroker]:
     if find_mosquitto() is None:
