@@ -109,10 +109,9 @@ class AnomalyInjector:
         self._devices: dict[str, _DeviceEpisodes] = {}
         self._lock = threading.Lock()
         self._labels: IO[str] | None = None
-        if labels_path is not None:
-            Path(labels_path).parent.mkdir(parents=True, exist_ok=True)
-            self._labels = open(labels_path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        self.labels_path = Path(labels_path) if labels_path is not None else None
         self.labels: list[Episode] = []
+        self._unwritten: list[Episode] = []
 
     def register(self, device: str, sigmas: dict[str, float]) -> None:
         """Declare the analog channels of a device (name -> noise σ) that anomalies may hit."""
@@ -140,9 +139,20 @@ class AnomalyInjector:
         entry.episodes.append(episode)
         entry.episodes.sort(key=lambda e: e.start_ts)
         self.labels.append(episode)
-        if self._labels is not None:
+        self._unwritten.append(episode)
+
+    def _write_labels(self) -> None:
+        # Written from the first sample on, so building a source (``forgeline agent --check``) writes nothing.
+        if self.labels_path is None:
+            self._unwritten.clear()
+            return
+        if self._labels is None:
+            self.labels_path.parent.mkdir(parents=True, exist_ok=True)
+            self._labels = open(self.labels_path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        for episode in self._unwritten:
             self._labels.write(json.dumps(asdict(episode), separators=(",", ":")) + "\n")
-            self._labels.flush()
+        self._unwritten.clear()
+        self._labels.flush()
 
     def _schedule_next(self, device: str, after_s: float) -> None:
         schedule = self.schedule
@@ -168,6 +178,9 @@ class AnomalyInjector:
 
     def apply(self, device: str, channel: str, t_s: float, value: float) -> float:
         """The value a sensor reports at ``t_s`` given the episodes active then."""
+        if self._unwritten:
+            with self._lock:
+                self._write_labels()
         entry = self._devices.get(device)
         if entry is None:
             return value
@@ -208,6 +221,9 @@ class AnomalyInjector:
         return {"episodes": len(self.labels)}
 
     def close(self) -> None:
+        with self._lock:
+            if self._unwritten:
+                self._write_labels()
         if self._labels is not None:
             self._labels.close()
             self._labels = None
