@@ -25,6 +25,7 @@ from __future__ import annotations
 import difflib
 import json
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +45,7 @@ class ConfigError(ValueError):
 
 
 _MISSING: Any = object()
+_SECRET_KEY = re.compile(r"pass(word|wd)|secret|token|key", re.IGNORECASE)
 
 
 class Section:
@@ -78,7 +80,9 @@ class Section:
         if value is default and default is not _MISSING:
             return value
         if not isinstance(value, str) or not value:
-            raise self.error(key, f"must be a non-empty string, not {value!r}")
+            # A password written as a number or a list must not end up in a log line.
+            shown = type(value).__name__ if _SECRET_KEY.search(key) else repr(value)
+            raise self.error(key, f"must be a non-empty string, not {shown}")
         if choices is not None and value not in choices:
             raise self.error(key, f"must be one of {', '.join(choices)}, not {value!r}")
         return value
@@ -309,6 +313,8 @@ def load_config_text(text: str, base_dir: Path | None = None, *, suffix: str = "
             data = json.loads(text)
         except json.JSONDecodeError as exc:
             raise ConfigError(f"(file): not valid JSON: {exc}") from None
+        except RecursionError:
+            raise ConfigError("(file): nested too deeply") from None
     else:
         import yaml
 
@@ -316,6 +322,8 @@ def load_config_text(text: str, base_dir: Path | None = None, *, suffix: str = "
             data = yaml.safe_load(text)
         except yaml.YAMLError as exc:
             raise ConfigError(f"(file): not valid YAML: {exc}") from None
+        except RecursionError:
+            raise ConfigError("(file): nested too deeply") from None
     return parse_config(data, base_dir)
 
 
