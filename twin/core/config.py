@@ -31,7 +31,7 @@ NJIT_OPTIONS: Final[dict[str, Any]] = {
 }
 
 _MAX_BUCKET_S: Final = 7 * 86400
-DETECTORS: Final[tuple[str, ...]] = ("zscore", "cusum", "ewma", "ensemble")
+DETECTORS: Final[tuple[str, ...]] = ("zscore", "cusum", "ewma", "ensemble", "pca")
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,8 @@ class CoreConfig:
             of a device are put in their place exactly; older ones are counted as late and dropped.
 
     Anomaly detection:
-        detector: ``zscore``, ``cusum`` or ``ensemble`` (the larger of the two, the default).
+        detector: ``zscore``, ``cusum``, ``ewma``, ``ensemble`` (max of zscore and ewma, the default)
+            or ``pca`` (multivariate, see below).
         halflife_samples: memory of the baselines (exponentially weighted mean and variance).
         warmup_samples: samples per channel and regime before a score is given (score 0 until then).
         z_scale: the z-score that maps to a score of 0.5 (score = z² / (z² + z_scale²)).
@@ -84,6 +85,18 @@ class CoreConfig:
         learn_gate: above this device score the baselines learn ``gated_learn_factor`` times slower,
             so an incident does not become the new normal while it lasts.
         event_on, event_off, event_min_samples: hysteresis of anomaly events.
+
+    Multivariate detector (``detector="pca"``; Hotelling's T² + Q on a PCA fitted per device):
+        mv_warmup_samples: device ticks (rows) of the warm-up: the means, scales and correlation
+            matrix of the device's detector channels are learned exactly over these ticks, then the
+            principal axes and both control limits are fixed; the device score is 0 until then.
+        mv_explained_variance: share of the (standardised) variance the principal subspace keeps.
+        mv_p_value: coverage of the control limits (T²: χ² quantile with a finite-sample factor;
+            Q: Jackson–Mudholkar).
+        mv_smoothing: EWMA weight of the statistic max(T²/limit, Q/limit); collective anomalies
+            persist, single spikes do not.
+        mv_halflife_samples: after the warm-up the means follow slow drifts with this half-life,
+            only while the smoothed statistic is below ``mv_learn_gate`` (share of the limit).
     """
 
     windows: tuple[WindowSpec, ...] = (WindowSpec(900, 60), WindowSpec(3600, 300), WindowSpec(86400, 3600))
@@ -107,6 +120,12 @@ class CoreConfig:
     event_off: float = 0.5
     event_min_samples: int = 3
     build_history: int = 4096
+    mv_warmup_samples: int = 400
+    mv_explained_variance: float = 0.85
+    mv_p_value: float = 0.999
+    mv_smoothing: float = 0.1
+    mv_halflife_samples: float = 2000.0
+    mv_learn_gate: float = 0.5
 
     def __post_init__(self) -> None:
         if self.detector not in DETECTORS:
@@ -137,6 +156,22 @@ class CoreConfig:
             raise ValueError("ewma_lambda must be in (0, 1]")
         if not 0 <= self.gated_learn_factor <= 1:
             raise ValueError("gated_learn_factor must be in [0, 1]")
+        if self.mv_warmup_samples < 3:
+            raise ValueError("mv_warmup_samples must be at least 3 (a correlation matrix needs them)")
+        if not 0 < self.mv_explained_variance <= 1 or not 0.5 < self.mv_p_value < 1:
+            raise ValueError("mv_explained_variance must be in (0, 1] and mv_p_value in (0.5, 1)")
+        if not 0 < self.mv_smoothing <= 1 or self.mv_halflife_samples <= 1 or self.mv_learn_gate < 0:
+            raise ValueError("mv_smoothing must be in (0, 1], mv_halflife_samples above 1, mv_learn_gate >= 0")
+
+    @property
+    def multivariate(self) -> bool:
+        """Whether the device score comes from the multivariate detector (which needs its own state)."""
+        return self.detector == "pca"
+
+    @property
+    def mv_alpha(self) -> float:
+        """Weight of a tick in the slow update of the multivariate detector's means."""
+        return float(1.0 - 0.5 ** (1.0 / self.mv_halflife_samples))
 
     @property
     def alpha(self) -> float:

@@ -11,6 +11,10 @@ Detectors: ``zscore`` (distance of a sample from the exponentially weighted base
 persistent shifts) and ``ensemble`` (the larger of zscore and ewma; the twin's default). They are
 the very kernels the fleet runs (:func:`twin.core.kernels.channel_step`), on a single channel.
 
+``pca`` is multivariate (Hotelling's T² + Q on a PCA fitted per device in its warm-up of
+``mv_warmup_samples`` rows, see :func:`twin.core.kernels.pca_tick`): :class:`MultivariateDetector`
+takes one row of all channels at a time; ``StreamingDetector("pca")`` is its one-channel case.
+
 Example:
     >>> detector = StreamingDetector("zscore")
     >>> for x in [10.0, 10.2, 9.9, 10.1] * 20:
@@ -25,8 +29,59 @@ import numpy as np
 
 from twin.core.config import DETECTORS, CoreConfig
 from twin.core.fleet import _params
-from twin.core.kernels import channel_step
-from twin.core.layout import CH_CUSUM_REGIME, CH_FIELDS, CH_SCORE
+from twin.core.kernels import channel_step, pca_tick
+from twin.core.layout import CH_CUSUM_REGIME, CH_FIELDS, CH_SCORE, MV_FIELDS, ROLE_ANALOG
+
+
+class MultivariateDetector:
+    """The ``pca`` detector over rows of ``n_channels`` values, with the ``learn_one``/``score_one``
+    contract (score 0 during the warm-up of ``config.mv_warmup_samples`` rows).
+
+    Example:
+        >>> import numpy as np
+        >>> rng = np.random.default_rng(0)
+        >>> detector = MultivariateDetector(2, CoreConfig(mv_warmup_samples=50, mv_smoothing=1.0))
+        >>> for _ in range(50):
+        ...     a = rng.normal()
+        ...     detector.learn_one([a, a + 0.1 * rng.normal()])
+        >>> detector.score_one([1.0, 1.0]) < 0.5, detector.score_one([1.0, -1.0]) > 0.9
+        (True, True)
+    """
+
+    def __init__(self, n_channels: int, config: CoreConfig | None = None):
+        if n_channels < 1:
+            raise ValueError("at least one channel")
+        base = config or CoreConfig()
+        self.config = CoreConfig(**{**base.__dict__, "detector": "pca"})
+        self._params = _params(self.config)
+        self._role = np.full(n_channels, ROLE_ANALOG, dtype=np.int8)
+        self._state = (
+            np.zeros(n_channels),  # held row
+            np.zeros(n_channels),  # means
+            np.zeros(n_channels),  # scales
+            np.zeros((n_channels, n_channels)),  # co-moments, then principal axes
+            np.zeros(n_channels),  # eigenvalues
+            np.zeros(MV_FIELDS),
+        )
+
+    def _row(self, x: object) -> np.ndarray:
+        row = np.asarray(x, dtype=np.float64).reshape(-1)
+        if row.shape != self._role.shape:
+            raise ValueError(f"expected {self._role.shape[0]} values, got {row.shape[0]}")
+        if not np.isfinite(row).all():
+            raise ValueError("values must be finite")
+        return row
+
+    def score_one(self, x: object) -> float:
+        """The score the row ``x`` would get now; the detector's state is left untouched."""
+        row = self._row(x)
+        last, *rest = (a.copy() for a in self._state)
+        last[:] = row
+        return float(pca_tick(self._role, last, *rest, self._params))
+
+    def learn_one(self, x: object) -> None:
+        self._state[0][:] = self._row(x)
+        pca_tick(self._role, *self._state, self._params)
 
 
 class StreamingDetector:
@@ -41,12 +96,18 @@ class StreamingDetector:
         self._row = np.zeros(CH_FIELDS, dtype=np.float64)
         self._row[CH_CUSUM_REGIME] = -1.0
         self.regime = regime
+        self._multivariate = MultivariateDetector(1, self.config) if self.config.multivariate else None
 
     def score_one(self, x: float) -> float:
         """The score ``x`` would get now; the detector's state is left untouched."""
+        if self._multivariate is not None:
+            return self._multivariate.score_one([x])
         trial = self._row.copy()
         channel_step(trial, self.regime, float(x), self._params)
         return float(trial[CH_SCORE])
 
     def learn_one(self, x: float) -> None:
+        if self._multivariate is not None:
+            self._multivariate.learn_one([x])
+            return
         channel_step(self._row, self.regime, float(x), self._params)

@@ -20,6 +20,7 @@ import math
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from statistics import NormalDist
 from typing import Any, Literal
 
 import numpy as np
@@ -64,6 +65,8 @@ from twin.core.layout import (
     LV_FIELDS,
     LV_OFFSET,
     LV_ORIGIN_MS,
+    MV_FIELDS,
+    MV_N,
     P_ALPHA,
     P_CUSUM_CAP,
     P_CUSUM_DRIFT,
@@ -78,6 +81,13 @@ from twin.core.layout import (
     P_HISTORICAL,
     P_HOLD_MS,
     P_LEARN_GATE,
+    P_MV_ALPHA,
+    P_MV_EXPLAINED,
+    P_MV_GATE,
+    P_MV_LAMBDA,
+    P_MV_SCORE_BASE,
+    P_MV_WARMUP,
+    P_MV_Z,
     P_REL_FLOOR,
     P_SILENCE_MS,
     P_WARMUP,
@@ -174,6 +184,13 @@ def _params(config: CoreConfig) -> np.ndarray:
     params[P_SILENCE_MS] = config.silence_s * 1000
     params[P_DETECTOR] = DETECTOR_CODES[config.detector]
     params[P_EWMA_LAMBDA] = config.ewma_lambda
+    params[P_MV_WARMUP] = config.mv_warmup_samples
+    params[P_MV_EXPLAINED] = config.mv_explained_variance
+    params[P_MV_Z] = NormalDist().inv_cdf(config.mv_p_value)
+    params[P_MV_LAMBDA] = config.mv_smoothing
+    params[P_MV_ALPHA] = config.mv_alpha
+    params[P_MV_GATE] = config.mv_learn_gate
+    params[P_MV_SCORE_BASE] = 1.0 - config.event_on
     return params
 
 
@@ -263,8 +280,19 @@ class FleetCore:
         self.st_code = np.zeros((capacity, depth), dtype=np.int8)
         self.bid = np.full((capacity, n_buckets), -1, dtype=np.int32)
         self.bval = np.zeros((capacity, n_buckets, BV_FIELDS), dtype=np.int32)
+        # the multivariate detector's state exists only when it is the detector (slots² per device)
+        width = n_channels if self.config.multivariate else 0
+        self.mv_last = np.full((capacity, width), np.nan)
+        self.mv_mean = np.zeros((capacity, width))
+        self.mv_scale = np.zeros((capacity, width))
+        self.mv_cov = np.zeros((capacity, width, width))
+        self.mv_eig = np.zeros((capacity, width))
+        self.mv_dev = np.zeros((capacity, MV_FIELDS if width else 0))
 
-    _ARRAYS = ("role", "chan", "devf", "devi", "st_t", "st_code", "bid", "bval")
+    _ARRAYS = (
+        "role", "chan", "devf", "devi", "st_t", "st_code", "bid", "bval",
+        "mv_last", "mv_mean", "mv_scale", "mv_cov", "mv_eig", "mv_dev",
+    )  # fmt: skip
 
     def _grow(self, capacity: int) -> None:
         old = {name: getattr(self, name) for name in self._ARRAYS}
@@ -401,6 +429,7 @@ class FleetCore:
             device, channel, t_us, values, len(self.devices), self.role, self.chan, self.devf, self.devi,
             self.st_t, self.st_code, self.bid, self.bval, self._levels, self._params, self._stats,
             ev_device, ev_phase, ev_t, ev_score, ev_mask, tick_scores,
+            self.mv_last, self.mv_mean, self.mv_scale, self.mv_cov, self.mv_eig, self.mv_dev,
         )  # fmt: skip
         for k in range(n_events):
             d = int(ev_device[k])
@@ -541,8 +570,14 @@ class FleetCore:
         progress = float(self.devf[device, DF_LAYER_PROGRESS]) if self.devi[device, DI_LAYER_T] >= 0 else None
         return record.chamber_fill, record.packing_density, realised_fill(record.chamber_fill, progress)
 
+    def _warm(self, rows: slice) -> np.ndarray:
+        """Whether each device's score is past its warm-up (the multivariate detector counts its own)."""
+        if self.config.multivariate:
+            return np.asarray(self.mv_dev[rows, MV_N] >= self.config.mv_warmup_samples)
+        return np.asarray(self.devf[rows, DF_N] >= self.config.warmup_samples)
+
     def _anomaly_score(self, device: int) -> float | None:
-        if self.devf[device, DF_N] < self.config.warmup_samples:
+        if not self._warm(slice(device, device + 1))[0]:
             return None
         return float(self.devf[device, DF_SCORE])
 
@@ -585,9 +620,7 @@ class FleetCore:
             for k, value in enumerate(self._build_kpis(d)):
                 fills[k, d] = np.nan if value is None else value
         result["chamber_fill"], result["packing_density"], result["fill_realised"] = fills
-        result["anomaly_score"] = np.where(
-            self.devf[:n, DF_N] >= self.config.warmup_samples, self.devf[:n, DF_SCORE], np.nan
-        )
+        result["anomaly_score"] = np.where(self._warm(slice(0, n)), self.devf[:n, DF_SCORE], np.nan)
         counts = self.devi[:n, DI_STATE_COUNT]
         last = self.st_code[np.arange(n), np.maximum(counts - 1, 0)].astype(np.float64)
         result["state"] = np.where(counts > 0, last, np.nan)

@@ -31,6 +31,7 @@ from twin.core.layout import (
     CH_SCORE,
     DET_CUSUM,
     DET_EWMA,
+    DET_PCA,
     DET_ZSCORE,
     DF_COUNTER,
     DF_EVENT_PEAK,
@@ -57,6 +58,11 @@ from twin.core.layout import (
     LV_COUNT,
     LV_OFFSET,
     LV_ORIGIN_MS,
+    MV_K,
+    MV_N,
+    MV_SMOOTH,
+    MV_UCL_Q,
+    MV_UCL_T2,
     N_STATES,
     P_ALPHA,
     P_CUSUM_CAP,
@@ -71,6 +77,13 @@ from twin.core.layout import (
     P_HISTORICAL,
     P_HOLD_MS,
     P_LEARN_GATE,
+    P_MV_ALPHA,
+    P_MV_EXPLAINED,
+    P_MV_GATE,
+    P_MV_LAMBDA,
+    P_MV_SCORE_BASE,
+    P_MV_WARMUP,
+    P_MV_Z,
     P_REL_FLOOR,
     P_WARMUP,
     P_Z_SCALE2,
@@ -229,22 +242,30 @@ def device_tick(
     ev_score: np.ndarray,
     ev_mask: np.ndarray,
     n_events: int,
+    mv_score: float,
 ) -> int:
-    """Close one device tick (its samples at one timestamp): combined score, baseline, hysteresis."""
-    total = max(devf[d, DF_SUM], 0.0)
-    mean = devf[d, DF_MEAN]
-    var = devf[d, DF_VAR]
+    """Close one device tick (its samples at one timestamp): combined score, baseline, hysteresis.
+
+    ``mv_score`` is the multivariate detector's score of the tick, or NaN when the device score
+    comes from the channel statistics (Brown's method).
+    """
     n = devf[d, DF_N]
-    score = combined_score(total, mean, var, n, params)
-    factor = 1.0
-    if n >= params[P_WARMUP] and score > params[P_LEARN_GATE]:
-        factor = params[P_GATED_FACTOR]
-    learn_total = total
-    if n >= params[P_WARMUP]:
-        learn_total = min(total, mean + LEARN_CLIP * np.sqrt(var))
-    new_mean, new_var = ew_update(mean, var, n, learn_total, params[P_ALPHA], factor)
-    devf[d, DF_MEAN] = new_mean
-    devf[d, DF_VAR] = new_var
+    if np.isnan(mv_score):
+        total = max(devf[d, DF_SUM], 0.0)
+        mean = devf[d, DF_MEAN]
+        var = devf[d, DF_VAR]
+        score = combined_score(total, mean, var, n, params)
+        factor = 1.0
+        if n >= params[P_WARMUP] and score > params[P_LEARN_GATE]:
+            factor = params[P_GATED_FACTOR]
+        learn_total = total
+        if n >= params[P_WARMUP]:
+            learn_total = min(total, mean + LEARN_CLIP * np.sqrt(var))
+        new_mean, new_var = ew_update(mean, var, n, learn_total, params[P_ALPHA], factor)
+        devf[d, DF_MEAN] = new_mean
+        devf[d, DF_VAR] = new_var
+    else:
+        score = mv_score
     devf[d, DF_N] = n + 1.0
     devf[d, DF_SCORE] = score
     if score > devf[d, DF_PEAK]:
@@ -298,6 +319,157 @@ def device_tick(
         else:
             devi[d, DI_EVENT_RUN] = 0
     return n_events
+
+
+# ================================================================================================
+# Multivariate detector: PCA with Hotelling's T² and Q (SPE), fitted per device in a warm-up
+# ================================================================================================
+
+
+@njit(**NJIT_OPTIONS)
+def chi2_quantile(dof: float, z: float) -> float:
+    """Wilson–Hilferty: the χ² quantile with ``dof`` degrees of freedom at standard normal quantile z."""
+    spread = 2.0 / (9.0 * dof)
+    base = 1.0 - spread + z * np.sqrt(spread)
+    return dof * base * base * base
+
+
+@njit(**NJIT_OPTIONS)
+def pca_fit(
+    n: float, mean: np.ndarray, scale: np.ndarray, cov: np.ndarray, eig: np.ndarray, dev: np.ndarray, params: np.ndarray
+) -> None:
+    """End of the warm-up: co-moments -> scales, correlation matrix -> principal axes and limits.
+
+    Slots with no variance (unused, constant or not a detector channel) get scale 0 and take no
+    part. The axes overwrite the co-moments in ``cov`` (column j = axis j, by falling variance).
+    T² limit: (n−1)(n+1)/(n(n−k)) × χ²_k quantile (the F-based limit of the SKAB T²+Q baseline
+    with its F quantile approximated by χ²/k); Q limit: Jackson–Mudholkar from the residual
+    eigenvalues, or Box's scaled χ² when Jackson–Mudholkar's h0 is not positive.
+    """
+    p = mean.shape[0]
+    for i in range(p):
+        var = cov[i, i] / (n - 1.0)
+        scale[i] = np.sqrt(var) if var > 1e-300 and var * 1e24 > mean[i] * mean[i] else 0.0
+    corr = np.zeros((p, p))
+    for i in range(p):
+        if scale[i] > 0.0:
+            for j in range(p):
+                if scale[j] > 0.0:
+                    corr[i, j] = cov[i, j] / ((n - 1.0) * scale[i] * scale[j])
+            corr[i, i] = 1.0
+    values, vectors = np.linalg.eigh(corr)
+    total = 0.0
+    active = 0
+    for i in range(p):
+        eig[i] = max(values[p - 1 - i], 0.0)
+        total += eig[i]
+        if scale[i] > 0.0:
+            active += 1
+        for j in range(p):
+            cov[j, i] = vectors[j, p - 1 - i]
+    k = 0
+    kept = 0.0
+    while k < active and (k == 0 or kept < params[P_MV_EXPLAINED] * total) and eig[k] > 1e-12:
+        kept += eig[k]
+        k += 1
+    z = params[P_MV_Z]
+    dev[MV_K] = k
+    dev[MV_UCL_T2] = 0.0
+    if k > 0:
+        dev[MV_UCL_T2] = (n - 1.0) * (n + 1.0) / (n * (n - k)) * chi2_quantile(float(k), z) if n > k else np.inf
+    theta1 = 0.0
+    theta2 = 0.0
+    theta3 = 0.0
+    for j in range(k, p):
+        theta1 += eig[j]
+        theta2 += eig[j] * eig[j]
+        theta3 += eig[j] * eig[j] * eig[j]
+    dev[MV_UCL_Q] = 0.0
+    if theta1 > 1e-9:
+        h0 = 1.0 - 2.0 * theta1 * theta3 / (3.0 * theta2 * theta2)
+        if h0 > 1e-6:
+            inner = 1.0 + z * h0 * np.sqrt(2.0 * theta2) / theta1 + theta2 * h0 * (h0 - 1.0) / (theta1 * theta1)
+            dev[MV_UCL_Q] = theta1 * inner ** (1.0 / h0)
+        else:
+            dev[MV_UCL_Q] = theta2 / theta1 * chi2_quantile(theta1 * theta1 / theta2, z)
+
+
+@njit(**NJIT_OPTIONS)
+def pca_tick(
+    role: np.ndarray,
+    last: np.ndarray,
+    mean: np.ndarray,
+    scale: np.ndarray,
+    cov: np.ndarray,
+    eig: np.ndarray,
+    dev: np.ndarray,
+    params: np.ndarray,
+) -> float:
+    """One device tick of the multivariate detector on the held values ``last``; returns the score.
+
+    Warm-up (the first ``P_MV_WARMUP`` complete ticks, those where every detector channel has a
+    value): exact running means and co-moments (Welford), score 0; then :func:`pca_fit`. After it:
+    z = (x − mean) / scale; T² = Σ_j<k (axis_j·z)² / eig_j; Q = |z|² − Σ_j<k (axis_j·z)²; the
+    statistic max(T²/limit, Q/limit) is smoothed (EWMA) to s and scored 1 − base**s, where base
+    = 1 − event_on, so a smoothed statistic at its control limit scores event_on. The means then
+    follow slow drifts, only while s is below the learning gate (no look-ahead, O(slots × k)).
+    """
+    p = last.shape[0]
+    for i in range(p):
+        if role[i] == ROLE_ANALOG and np.isnan(last[i]):
+            return 0.0  # not every channel has spoken yet: no complete vector
+    n = dev[MV_N]
+    if n < params[P_MV_WARMUP]:
+        n += 1.0
+        inv_n = 1.0 / n
+        for i in range(p):
+            if role[i] == ROLE_ANALOG:
+                # keep the pre-update deviation in eig (scratch until the fit) for the co-moments
+                eig[i] = last[i] - mean[i]
+                mean[i] += eig[i] * inv_n
+        for i in range(p):
+            if role[i] == ROLE_ANALOG:
+                after = last[i] - mean[i]
+                for j in range(p):
+                    if role[j] == ROLE_ANALOG:
+                        cov[j, i] += eig[j] * after
+        dev[MV_N] = n
+        if n >= params[P_MV_WARMUP]:
+            pca_fit(n, mean, scale, cov, eig, dev, params)
+        return 0.0
+    dev[MV_N] = n + 1.0
+    k = int(dev[MV_K])
+    norm2 = 0.0
+    t2 = 0.0
+    explained = 0.0
+    for j in range(k):
+        projection = 0.0
+        for i in range(p):
+            if scale[i] > 0.0:
+                projection += cov[i, j] * ((last[i] - mean[i]) / scale[i])
+        t2 += projection * projection / eig[j]
+        explained += projection * projection
+    for i in range(p):
+        if scale[i] > 0.0:
+            zi = (last[i] - mean[i]) / scale[i]
+            norm2 += zi * zi
+    ratio = 0.0
+    if dev[MV_UCL_T2] > 0.0:
+        ratio = t2 / dev[MV_UCL_T2]
+    if dev[MV_UCL_Q] > 0.0:
+        ratio = max(ratio, max(norm2 - explained, 0.0) / dev[MV_UCL_Q])
+    ratio = min(ratio, Q_CAP)
+    smooth = dev[MV_SMOOTH] + params[P_MV_LAMBDA] * (ratio - dev[MV_SMOOTH])
+    dev[MV_SMOOTH] = smooth
+    if smooth < params[P_MV_GATE]:
+        alpha = params[P_MV_ALPHA]
+        for i in range(p):
+            if scale[i] > 0.0:
+                mean[i] += alpha * (last[i] - mean[i])
+    base = params[P_MV_SCORE_BASE]
+    if base <= 0.0:
+        return 1.0 if smooth > 0.0 else 0.0
+    return 1.0 - base**smooth
 
 
 # ================================================================================================
@@ -520,14 +692,22 @@ def ingest_batch(
     ev_score: np.ndarray,
     ev_mask: np.ndarray,
     tick_scores: np.ndarray,
+    mv_last: np.ndarray,
+    mv_mean: np.ndarray,
+    mv_scale: np.ndarray,
+    mv_cov: np.ndarray,
+    mv_eig: np.ndarray,
+    mv_dev: np.ndarray,
 ) -> int:
     """Process one batch; return the number of events written to the ``ev_*`` arrays.
 
     A device tick is a run of consecutive samples with the same device and timestamp; the combined
     device score is computed once per tick, after all its channels have been scored. When
     ``tick_scores`` has one slot per sample, each tick's device score is written at the index of
-    the tick's last sample (offline scoring); pass an empty array otherwise.
+    the tick's last sample (offline scoring); pass an empty array otherwise. The ``mv_*`` arrays
+    are the multivariate detector's state (zero-width when the detector is not ``pca``).
     """
+    multivariate = (int(params[P_DETECTOR]) & DET_PCA) != 0
     record = tick_scores.shape[0] == device.shape[0]
     tick_last = 0
     n_events = 0
@@ -542,6 +722,12 @@ def ingest_batch(
         t = t_us[i]
         if tick_device >= 0 and (d != tick_device or t != tick_t):
             if tick_scored:
+                mv_score = np.nan
+                if multivariate:
+                    mv_score = pca_tick(
+                        role[tick_device], mv_last[tick_device], mv_mean[tick_device], mv_scale[tick_device],
+                        mv_cov[tick_device], mv_eig[tick_device], mv_dev[tick_device], params,
+                    )  # fmt: skip
                 n_events = device_tick(
                     tick_device,
                     tick_t,
@@ -555,6 +741,7 @@ def ingest_batch(
                     ev_score,
                     ev_mask,
                     n_events,
+                    mv_score,
                 )
                 if record:
                     tick_scores[tick_last] = devf[tick_device, DF_SCORE]
@@ -588,6 +775,9 @@ def ingest_batch(
             # not jump when channels leave their warm-up
             warm = row[3 * regime + 2] >= params[P_WARMUP]
             devf[d, DF_SUM] += channel_step(row, regime, x, params)
+            if multivariate:
+                mv_last[d, c] = x
+                warm = True  # the multivariate detector counts its own warm-up in complete ticks
             tick_device = d
             tick_t = t
             tick_last = i
@@ -624,9 +814,16 @@ def ingest_batch(
         else:
             stats[ST_ACCEPTED] += 1
     if tick_device >= 0 and tick_scored:
+        mv_score = np.nan
+        if multivariate:
+            mv_score = pca_tick(
+                role[tick_device], mv_last[tick_device], mv_mean[tick_device], mv_scale[tick_device],
+                mv_cov[tick_device], mv_eig[tick_device], mv_dev[tick_device], params,
+            )  # fmt: skip
         n_events = device_tick(
-            tick_device, tick_t, chan, devf, devi, params, ev_device, ev_phase, ev_t, ev_score, ev_mask, n_events
-        )
+            tick_device, tick_t, chan, devf, devi, params, ev_device, ev_phase, ev_t, ev_score, ev_mask, n_events,
+            mv_score,
+        )  # fmt: skip
         if record:
             tick_scores[tick_last] = devf[tick_device, DF_SCORE]
     return n_events

@@ -133,15 +133,40 @@ P_DETECTOR: Final = 13  # bit mask of DETECTOR_BITS
 P_HISTORICAL: Final = 14  # 1.0: replayed data, learns but opens/closes no events
 P_SILENCE_MS: Final = 15
 P_EWMA_LAMBDA: Final = 16
-P_FIELDS: Final = 17
+# the multivariate (PCA T² + Q) device detector
+P_MV_WARMUP: Final = 17  # device ticks of the warm-up fit
+P_MV_EXPLAINED: Final = 18  # share of the variance the principal subspace keeps
+P_MV_Z: Final = 19  # standard normal quantile of the control limits' p value
+P_MV_LAMBDA: Final = 20  # EWMA smoothing of the statistic (collective anomalies persist)
+P_MV_ALPHA: Final = 21  # weight of a tick in the slow update of the means after the warm-up
+P_MV_GATE: Final = 22  # the means learn only while the smoothed statistic is below this share of its limit
+P_MV_SCORE_BASE: Final = 23  # 1 - event_on: score = 1 - base**s, so s = 1 (the control limit) scores event_on
+P_FIELDS: Final = 24
 
 DET_ZSCORE: Final = 1
 DET_CUSUM: Final = 2
 DET_EWMA: Final = 4
+DET_PCA: Final = 8  # device score from the multivariate PCA T² + Q detector (channel scores: z-score)
 # a detector name -> the statistics it takes the maximum of
-DETECTOR_CODES: Final = {"zscore": DET_ZSCORE, "cusum": DET_CUSUM, "ewma": DET_EWMA, "ensemble": DET_ZSCORE | DET_EWMA}
+DETECTOR_CODES: Final = {
+    "zscore": DET_ZSCORE,
+    "cusum": DET_CUSUM,
+    "ewma": DET_EWMA,
+    "ensemble": DET_ZSCORE | DET_EWMA,
+    "pca": DET_PCA | DET_ZSCORE,
+}
 Q_CAP: Final = 1.0e6  # one broken channel must not swamp the device sum forever
 NO_TIME: Final = -(2**62)
+
+# ---- multivariate detector, per device: mv_dev[device, FIELD] (float64) ----------------------------
+# (per slot: mv_last, mv_mean, mv_scale, mv_eig [device, slot]; mv_cov [device, slot, slot] holds the
+# co-moments during the warm-up and the principal axes, one per column, after it)
+MV_N: Final = 0  # complete ticks seen (the fit happens when it reaches P_MV_WARMUP)
+MV_K: Final = 1  # principal components kept
+MV_UCL_T2: Final = 2  # control limit of Hotelling's T² in the principal subspace
+MV_UCL_Q: Final = 3  # control limit of Q (SPE) in the residual subspace; 0 = no residual subspace
+MV_SMOOTH: Final = 4  # EWMA of max(T²/limit, Q/limit)
+MV_FIELDS: Final = 5
 
 # ---- stats[S] (int64) ----------------------------------------------------------------------------
 ST_ACCEPTED: Final = 0

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from statistics import NormalDist
+
+import numpy as np
 
 from twin.core.config import CoreConfig
 from twin.core.layout import (
@@ -100,6 +103,95 @@ class RefChannel:
         return change
 
 
+def chi2_quantile(dof: float, z: float) -> float:
+    """Wilson–Hilferty approximation of the χ² quantile."""
+    return dof * (1.0 - 2.0 / (9.0 * dof) + z * math.sqrt(2.0 / (9.0 * dof))) ** 3
+
+
+@dataclass
+class RefPCA:
+    """The multivariate detector the plain way: keep every warm-up row, fit a PCA on them once,
+    then score T² and Q against the fitted axes (the kernel keeps running co-moments instead)."""
+
+    slots: int
+    rows: list[list[float]] = field(default_factory=list)
+    mean: list[float] = field(default_factory=list)
+    scale: list[float] = field(default_factory=list)
+    axes: list[list[float]] = field(default_factory=list)  # axes[j] = j-th principal axis
+    eig: list[float] = field(default_factory=list)
+    k: int = 0
+    ucl_t2: float = 0.0
+    ucl_q: float = 0.0
+    smooth: float = 0.0
+    n: int = 0
+
+    def _fit(self, cfg: CoreConfig, active: list[int]) -> None:
+        n = len(self.rows)
+        p = self.slots
+        self.mean = [sum(r[i] for r in self.rows) / n if i in active else 0.0 for i in range(p)]
+        self.scale = [0.0] * p
+        for i in active:
+            var = sum((r[i] - self.mean[i]) ** 2 for r in self.rows) / (n - 1)
+            self.scale[i] = math.sqrt(var) if var > 1e-300 and var * 1e24 > self.mean[i] ** 2 else 0.0
+        corr = np.zeros((p, p))
+        for i in range(p):
+            for j in range(p):
+                if self.scale[i] > 0 and self.scale[j] > 0:
+                    cov = sum((r[i] - self.mean[i]) * (r[j] - self.mean[j]) for r in self.rows) / (n - 1)
+                    corr[i, j] = 1.0 if i == j else cov / (self.scale[i] * self.scale[j])
+        values, vectors = np.linalg.eigh(corr)
+        order = list(range(p - 1, -1, -1))
+        self.eig = [max(float(values[o]), 0.0) for o in order]
+        self.axes = [[float(vectors[i, o]) for i in range(p)] for o in order]
+        total = sum(self.eig)
+        active_count = sum(1 for s in self.scale if s > 0)
+        k, kept = 0, 0.0
+        while k < active_count and (k == 0 or kept < cfg.mv_explained_variance * total) and self.eig[k] > 1e-12:
+            kept += self.eig[k]
+            k += 1
+        self.k = k
+        z = NormalDist().inv_cdf(cfg.mv_p_value)
+        self.ucl_t2 = (n - 1) * (n + 1) / (n * (n - k)) * chi2_quantile(k, z) if k else 0.0
+        theta = [sum(e**i for e in self.eig[k:]) for i in (1, 2, 3)]
+        self.ucl_q = 0.0
+        if theta[0] > 1e-9:
+            h0 = 1 - 2 * theta[0] * theta[2] / (3 * theta[1] ** 2)
+            if h0 > 1e-6:
+                inner = 1 + z * h0 * math.sqrt(2 * theta[1]) / theta[0] + theta[1] * h0 * (h0 - 1) / theta[0] ** 2
+                self.ucl_q = theta[0] * inner ** (1 / h0)
+            else:
+                self.ucl_q = theta[1] / theta[0] * chi2_quantile(theta[0] ** 2 / theta[1], z)
+
+    def tick(self, row: list[float], active: list[int], cfg: CoreConfig) -> float:
+        """Score of one complete row (``row[i]`` for every slot; only ``active`` slots are channels)."""
+        if any(math.isnan(row[i]) for i in active):
+            return 0.0
+        if self.n < cfg.mv_warmup_samples:
+            self.rows.append(list(row))
+            self.n += 1
+            if self.n == cfg.mv_warmup_samples:
+                self._fit(cfg, active)
+            return 0.0
+        self.n += 1
+        z = [(row[i] - self.mean[i]) / self.scale[i] if self.scale[i] > 0 else 0.0 for i in range(self.slots)]
+        projections = [sum(a[i] * z[i] for i in range(self.slots)) for a in self.axes[: self.k]]
+        t2 = sum(pr * pr / e for pr, e in zip(projections, self.eig, strict=False))
+        q = max(sum(v * v for v in z) - sum(pr * pr for pr in projections), 0.0)
+        ratio = t2 / self.ucl_t2 if self.ucl_t2 > 0 else 0.0
+        if self.ucl_q > 0:
+            ratio = max(ratio, q / self.ucl_q)
+        ratio = min(ratio, Q_CAP)
+        self.smooth += cfg.mv_smoothing * (ratio - self.smooth)
+        if self.smooth < cfg.mv_learn_gate:
+            for i in range(self.slots):
+                if self.scale[i] > 0:
+                    self.mean[i] += cfg.mv_alpha * (row[i] - self.mean[i])
+        base = 1.0 - cfg.event_on
+        if base <= 0:
+            return 1.0 if self.smooth > 0 else 0.0
+        return 1.0 - base**self.smooth
+
+
 def combined(total: float, mean: float, var: float, n: float, cfg: CoreConfig) -> float:
     """Brown's method + Wilson–Hilferty, as in :func:`twin.core.kernels.combined_score`."""
     if n < cfg.warmup_samples:
@@ -131,6 +223,8 @@ class RefDevice:
     counters: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
     increments: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
     last_seen_ms: int = 0
+    pca: RefPCA | None = None
+    last: dict[int, float] = field(default_factory=dict)  # held value of each detector channel (pca)
 
 
 class ReferenceFleet:
@@ -140,6 +234,7 @@ class ReferenceFleet:
         self.cfg = config or CoreConfig()
         self.names = channel_names
         self.devices = [RefDevice() for _ in channel_names]
+        self.width = max((len(n) for n in channel_names), default=0)
         self.events: list[tuple[int, str, int, float]] = []
         self.stats = {"accepted": 0, "rejected_nonfinite": 0, "rejected_index": 0, "late": 0, "rejected_value": 0}
 
@@ -176,6 +271,9 @@ class ReferenceFleet:
                 regime = self._regime(dev)
                 warm = channel.n[regime] >= self.cfg.warmup_samples
                 dev.total += channel.step(regime, x, self.cfg)
+                if self.cfg.multivariate:
+                    dev.last[c] = x
+                    warm = True
                 tick = (d, t)
                 tick_warm = tick_warm or warm
             elif role == ROLE_STATE:
@@ -230,12 +328,21 @@ class ReferenceFleet:
     def _tick(self, d: int, t: int, historical: bool) -> None:
         dev = self.devices[d]
         cfg = self.cfg
-        total = max(dev.total, 0.0)
-        score = combined(total, dev.mean, dev.var, dev.n, cfg)
-        warm = dev.n >= cfg.warmup_samples
-        factor = cfg.gated_learn_factor if warm and score > cfg.learn_gate else 1.0
-        learn_total = min(total, dev.mean + LEARN_CLIP * math.sqrt(dev.var)) if warm else total
-        dev.mean, dev.var = ew_step(dev.mean, dev.var, dev.n, learn_total, cfg.alpha, factor)
+        if cfg.multivariate:
+            # the kernel's vector has one slot per configured channel slot (width), non-detector
+            # slots inactive
+            active = [c for c, name in enumerate(self.names[d]) if role_of_channel(name) == ROLE_ANALOG]
+            if dev.pca is None:
+                dev.pca = RefPCA(self.width)
+            row = [dev.last.get(c, math.nan) if c in active else 0.0 for c in range(self.width)]
+            score = dev.pca.tick(row, active, cfg)
+        else:
+            total = max(dev.total, 0.0)
+            score = combined(total, dev.mean, dev.var, dev.n, cfg)
+            warm = dev.n >= cfg.warmup_samples
+            factor = cfg.gated_learn_factor if warm and score > cfg.learn_gate else 1.0
+            learn_total = min(total, dev.mean + LEARN_CLIP * math.sqrt(dev.var)) if warm else total
+            dev.mean, dev.var = ew_step(dev.mean, dev.var, dev.n, learn_total, cfg.alpha, factor)
         dev.n += 1.0
         dev.score = score
         if historical:
