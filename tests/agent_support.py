@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -11,7 +12,9 @@ from typing import Any
 import paho.mqtt.client as paho
 
 from edge_agent.device import DeviceInfo
+from edge_agent.sources.base import Sink, Source
 from forgeline.contract import schemas, telemetry, topics
+from forgeline.contract.topics import DeviceRef
 
 
 @dataclass
@@ -97,3 +100,47 @@ def telemetry_by_device(messages: Sequence[paho.MQTTMessage]) -> dict[str, Devic
             assert previous.t_us == batch.t_us
         log.batches[key] = batch
     return dict(logs)
+
+
+class CounterSource(Source):
+    """A source whose one device reports ``x_counter`` = 0, 1, 2, ... (every sample identifiable)."""
+
+    kind = "counter"
+
+    def __init__(self, ref: DeviceRef, per_tick: int = 100, tick_s: float = 0.01, total: int | None = None) -> None:
+        super().__init__()
+        self.info = DeviceInfo(ref, "FDM", ("state", "x_counter"), custom_units={"x_counter": "count"})
+        self.per_tick = per_tick
+        self.tick_s = tick_s
+        self.total = total
+        self.emitted = 0
+        self.done = threading.Event()
+
+    def devices(self) -> list[DeviceInfo]:
+        return [self.info]
+
+    def run(self, sink: Sink, stop: threading.Event) -> None:
+        stream = sink.stream(self.info)
+        while not stop.is_set():
+            n = self.per_tick if self.total is None else min(self.per_tick, self.total - self.emitted)
+            if n <= 0:
+                self.done.set()
+                stop.wait(0.05)
+                continue
+            t_us = int(time.time() * 1e6)
+            stream.extend([1] * n, [t_us + i for i in range(n)], [float(self.emitted + i) for i in range(n)])
+            self.emitted += n
+            stop.wait(self.tick_s)
+
+    def status(self) -> dict[str, Any]:
+        return {"emitted": self.emitted}
+
+
+def counter_values(log: DeviceLog) -> list[float]:
+    """The x_counter values of a de-duplicated device log, in (epoch, seq) order."""
+    out: list[float] = []
+    for key in sorted(log.batches):
+        batch = log.batches[key]
+        index = batch.channels.index("x_counter") if "x_counter" in batch.channels else -1
+        out += [v for c, v in zip(batch.channel_idx, batch.values, strict=True) if c == index]
+    return out
