@@ -54,7 +54,7 @@ def test_fleet_publishes_births_numbered_batches_and_events(
     assert {topics.parse(m.topic).device.key for m in births} == set(keys)  # type: ignore[union-attr]
     epoch = agent.spool.epoch
     for message in births:
-        birth = schemas.loads("status", message.payload)
+        birth = schemas.loads("status", bytes(message.payload))
         assert message.retain or message.qos == 1
         assert birth["epoch"] == epoch
         for channel in birth["channels"]:
@@ -264,7 +264,10 @@ def test_line_revision_change_by_command(
     collector = collect(f"fl/v1/{tenant}/#")
     reply = Requester(collector, ref).send("set_config", {"args": {"product_revision": "C"}})
     assert reply["ok"] and reply["result"]["applied"]["product_revision"] == "C"
-    for station in ("assembly", "power"):
-        topic = DeviceRef(tenant, "plant", "line1", station).status_topic
-        collector.wait_for(lambda ms, topic=topic: any(
-            m.topic == topic and json.loads(m.payload).get("product_revision") == "C" for m in ms))
+    topics_ = {DeviceRef(tenant, "plant", "line1", station).status_topic for station in ("assembly", "power")}
+
+    def announced(ms: list[Any]) -> bool:
+        seen = {m.topic for m in ms if m.topic in topics_ and json.loads(m.payload).get("product_revision") == "C"}
+        return seen == topics_
+
+    collector.wait_for(announced)
