@@ -3,7 +3,7 @@ against the time-series contract (:mod:`forgeline.contract.timeseries`).
 
 Queries quote every identifier (``"kpi"``, ``"utilization"``) so the check can find them: an
 identifier must be a measurement of the contract, a tag or field of a measurement the query reads,
-an alias the query defines (``AS "x"``), or a template variable (``"$channel"``). A typo in a field
+an output name (``AS "x"``, not checked), or a template variable (``"$channel"``). A typo in a field
 name therefore fails at build time, not as an empty panel in production.
 
 Example:
@@ -75,11 +75,12 @@ def schema_problems(query: str) -> list[str]:
     known = [m for m in read if m in MEASUREMENTS]
     if not read:
         problems.append("the query reads no measurement (FROM \"name\")")
-    aliases = set(_ALIAS.findall(query))
-    allowed = set(MEASUREMENTS) | aliases
+    allowed = set(MEASUREMENTS)
     for name in known:
         allowed |= _allowed_names(name)
-    for identifier in _IDENTIFIER.findall(query):
+    # Output names (AS "x") may be anything; everything else must exist, including names an outer query
+    # reads from a subquery (they are the inner query's fields, kept under their own name).
+    for identifier in _IDENTIFIER.findall(_ALIAS.sub("", query)):
         if identifier in allowed or identifier.startswith("$"):
             continue
         problems.append(f'"{identifier}" is neither a tag nor a field of {", ".join(known) or "any measurement"}')
