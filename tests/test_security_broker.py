@@ -241,8 +241,9 @@ def test_last_will_on_another_tenants_topic_is_not_delivered(secure: SecureBroke
 def test_added_user_is_confined_after_reload(secure: SecureBroker, ops: Probe, tmp_path: Path) -> None:
     """Adding a tenant at runtime (password entry + SIGHUP) gives it its own tenant and nothing else."""
     newcomer = f"new{uuid.uuid4().hex[:6]}"
-    secure.add_user(newcomer)
-    p = probe(secure.settings(newcomer))
+    p = probe(secure.ensure_user(newcomer))
+    password = secure.passwords[newcomer]
+    assert secure.ensure_user(newcomer).password == password  # a known user is not re-keyed
     try:
         assert p.publish(dev(newcomer).telemetry_topic) == 0
         assert p.publish(dev(ACME).telemetry_topic) == NOT_AUTHORIZED

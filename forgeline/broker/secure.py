@@ -127,6 +127,13 @@ class SecureBroker:
         values.update(overrides)
         return MqttSettings(**values)  # type: ignore[arg-type]
 
+    def ensure_user(self, username: str) -> MqttSettings:
+        """Settings for ``username``, adding the user first if this broker does not know it yet
+        (the demo gives every tenant's agent its own account this way)."""
+        if username not in self.passwords:
+            self.add_user(username)
+        return self.settings(username)
+
     def add_user(self, username: str, password: str | None = None) -> str:
         """Add (or re-key) a user, issue its client certificate, regenerate the ACL and make the
         running broker reload both (SIGHUP). Returns the password."""
