@@ -3,13 +3,14 @@ channel, identical revisions raise no insight in at least 95 % of seeds, and the
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any
 
 import pytest
 
 from forgeline.contract import schemas
-from forgeline.loop.compare import LoopConfig, compare_model
+from forgeline.loop.compare import LoopConfig, compare_model, look_alpha, look_index, monitor_model
 from forgeline.loop.intake import LoopStore
 from forgeline.loop.simulate import RevisionProfile, simulate_line
 
@@ -162,3 +163,51 @@ def test_feedback_rates_need_known_production_but_ratings_do_not() -> None:
     kpis = {c["kpi"] for c in document["comparisons"]}
     assert "rating" in kpis
     assert not kpis & {"field_fault_rate", "complaint_rate", "first_pass_yield"}
+
+
+def stream(profiles: list[RevisionProfile], seed: int, evaluations: int) -> list[dict[str, Any]]:
+    """Re-analyse the data as it arrives, as the service does: one monitoring document per evaluation."""
+    messages = simulate_line("acme", "MW-20", profiles, seed=seed)
+    store = LoopStore()
+    step = max(1, len(messages) // evaluations)
+    documents = []
+    for index, message in enumerate(messages, 1):
+        store.ingest_document(message.topic, message.payload)
+        if index % step == 0 or index == len(messages):
+            documents.append(monitor_model(store.model("acme", "MW-20"), ts=float(index)))
+    return documents
+
+
+def test_alpha_spending_schedule() -> None:
+    assert sum(look_alpha(0.05, k) for k in range(1, 100_000)) < 0.05
+    assert [look_index(v, 100) for v in (0, 99, 100, 250, 800, 1600)] == [0, 0, 1, 2, 4, 5]
+
+
+@pytest.mark.parametrize("seeds", [pytest.param(20, id="fast"),
+                                   pytest.param(200, marks=pytest.mark.slow, id="slow")])
+def test_monitoring_identical_revisions_raises_no_insight_at_any_look(
+    seeds: int, request: pytest.FixtureRequest
+) -> None:
+    """Re-testing growing data at every evaluation would raise false insights in about a quarter of runs;
+    deciding at looks with alpha spending keeps the whole run's false alarm rate within alpha."""
+    if seeds > 20 and "slow" not in (request.config.getoption("-m") or ""):
+        pytest.skip("slow: run with -m slow")
+    noisy = 0
+    for seed in range(seeds):
+        documents = stream([RevisionProfile("A", units=300), RevisionProfile("B", units=300)], 7000 + seed, 8)
+        assert documents[-1]["look"] >= 3  # several looks really happened
+        noisy += any(d["insights"] for d in documents)
+    assert noisy <= 0.05 * seeds
+
+
+def test_monitoring_flags_an_injected_defect_and_holds_it_between_looks() -> None:
+    documents = stream([RevisionProfile("A", units=800),
+                        RevisionProfile("B", units=800, anomaly_rate_scale={"cavity_temp_rise": 5.0})], 3, 25)
+    final = documents[-1]
+    assert ("B", "anomaly_rate", "cavity_temp_rise") in {(i["revision"], i["kpi"], i["channel"])
+                                                         for i in final["insights"]}
+    schemas.validate("insights", final)
+    assert 0 < final["look_alpha"] < 0.05
+    for earlier, later in itertools.pairwise(documents):
+        if earlier["look"] == later["look"]:  # no new look: the same flags stand
+            assert {i["channel"] for i in earlier["insights"]} == {i["channel"] for i in later["insights"]}

@@ -62,9 +62,9 @@ def settled(topic: str, units: int, feedback: int) -> Callable[[list[paho.MQTTMe
     return check
 
 
-def line_data(tenant: str, seed: int = 3, units: int = 400) -> tuple[list[tuple[str, bytes]], int, int]:
+def line_data(tenant: str, seed: int = 3, units: int = 600) -> tuple[list[tuple[str, bytes]], int, int]:
     profiles = [RevisionProfile("A", units=units),
-                RevisionProfile("B", units=units, anomaly_rate_scale={"cavity_temp_rise": 5.0})]
+                RevisionProfile("B", units=units, anomaly_rate_scale={"cavity_temp_rise": 6.0})]
     messages = simulate_line(tenant, "MW-20", profiles, seed=seed)
     feedback = sum(1 for m in messages if "/feedback/" in m.topic)
     return [m.wire() for m in messages], 2 * units, feedback
@@ -92,6 +92,8 @@ def test_events_and_feedback_in_retained_validated_insight_out(
     flagged = {(i["revision"], i["kpi"], i["channel"], i["direction"]) for i in document["insights"]}
     assert ("B", "anomaly_rate", "cavity_temp_rise", "worse") in flagged
     assert document["insights"][0]["channel"] == "cavity_temp_rise"
+    # The service monitors: flags are decided at looks with a share of alpha (see compare.monitor_model).
+    assert document["look"] >= 5 and document["look_alpha"] < document["alpha"]
     assert service.counters["dead_letters"] == len(bad)
     letters = [schemas.loads("deadletter", bytes(m.payload)) for m in watcher.on(topics.deadletter_topic(tenant))]
     reasons = " | ".join(letter["reason"] for letter in letters)

@@ -323,6 +323,9 @@ INSIGHTS: Schema = _obj(
         "alpha": {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1},
         "confidence": {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1},
         "tests": {"type": "integer", "minimum": 0, "description": "comparisons in the FDR family"},
+        "look": {"type": "integer", "minimum": 0, "description": "monitoring: look at which flags were decided"},
+        "look_alpha": {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1,
+                       "description": "monitoring: the share of alpha spent at that look"},
         "revisions": {
             "type": "array",
             "items": _obj(

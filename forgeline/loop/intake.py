@@ -179,6 +179,8 @@ class ModelData:
     seen_feedback: set[str] = field(default_factory=set)
     seen_anomalies: set[str] = field(default_factory=set)
     version: int = 0  # bumped on every change, so a service recomputes only models that changed
+    look: int = 0  # monitoring: the last look at which flags were decided (see compare.monitor_model)
+    standing: list[str] = field(default_factory=list)  # comparisons flagged at that look
 
     def revision(self, name: str, ts: float) -> RevisionData:
         data = self.revisions.get(name)
@@ -194,6 +196,7 @@ class ModelData:
             "revisions": [r.to_json() for r in self.revisions.values()],
             "units": {s: [u.revision, u.good, sorted(u.defects), sorted(u.reporters)] for s, u in self.units.items()},
             "seen_feedback": sorted(self.seen_feedback), "seen_anomalies": sorted(self.seen_anomalies),
+            "look": self.look, "standing": self.standing,
         }
 
     @classmethod
@@ -203,6 +206,7 @@ class ModelData:
         model.units = {s: UnitRecord(u[0], u[1], set(u[2]), set(u[3])) for s, u in data["units"].items()}
         model.seen_feedback = set(data["seen_feedback"])
         model.seen_anomalies = set(data["seen_anomalies"])
+        model.look, model.standing = data.get("look", 0), list(data.get("standing", []))
         return model
 
 

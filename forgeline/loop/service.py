@@ -31,7 +31,7 @@ import paho.mqtt.client as paho
 
 from forgeline.contract import schemas, topics
 from forgeline.contract.topics import Kind
-from forgeline.loop.compare import LoopConfig, compare_model
+from forgeline.loop.compare import LoopConfig, monitor_model
 from forgeline.loop.intake import IntakeError, LoopStore, ModelData, RevisionData
 from forgeline.loop.timeseries_out import InfluxSettings, InfluxWriter, WriteError, feedback_line, insight_lines
 from forgeline.mqtt import MqttSettings, connect
@@ -196,7 +196,11 @@ class LoopService:
             lines, self._pending_lines = self._pending_lines, []
         published = 0
         for tenant, model_name, version, model in work:
-            document = fit_document(compare_model(model, self.config.loop))
+            document = fit_document(monitor_model(model, self.config.loop))
+            with self.lock:
+                # The decision of a look stands whether or not this publication gets through.
+                live = self.store.models[(tenant, model_name)]
+                live.look, live.standing = model.look, model.standing
             schemas.validate("insights", document)
             if self._publish(topics.insights_topic(tenant, model_name), schemas.dumps(document)):
                 published += 1
@@ -295,6 +299,7 @@ class LoopService:
 
 def _frozen(model: ModelData) -> ModelData:
     """A copy of what the comparison reads (the revisions), so intake goes on while the publisher works."""
-    copy = ModelData(model.tenant, model.model, version=model.version)
+    copy = ModelData(model.tenant, model.model, version=model.version, look=model.look,
+                     standing=list(model.standing))
     copy.revisions = {name: RevisionData.from_json(r.to_json()) for name, r in model.revisions.items()}
     return copy
