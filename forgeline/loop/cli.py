@@ -59,6 +59,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     serve.add_argument("--influx-database", default="forgeline", help="v1 database")
     serve.add_argument("--influx-token-env", default="INFLUX_TOKEN",
                        help="environment variable holding the v2 token (default INFLUX_TOKEN)")
+    serve.add_argument("--first-look", type=int, default=100,
+                       help="units + feedback of a model at the first decision (default 100)")
+    serve.add_argument("--look-growth", type=float, default=1.5,
+                       help="growth of the evidence from one decision to the next (default 1.5)")
     serve.add_argument("--duration", type=float, default=None, help="stop after this many seconds (tests)")
     _add_loop_options(serve)
     _add_mqtt_options(serve)
@@ -105,7 +109,8 @@ def run(args: argparse.Namespace) -> int:
 def _loop_config(args: argparse.Namespace) -> Any:
     from forgeline.loop.compare import LoopConfig
 
-    return LoopConfig(alpha=args.alpha, baseline=args.baseline, min_units=args.min_units)
+    looks = {"first_look": args.first_look, "look_growth": args.look_growth} if hasattr(args, "first_look") else {}
+    return LoopConfig(alpha=args.alpha, baseline=args.baseline, min_units=args.min_units, **looks)
 
 
 def _mqtt_settings(args: argparse.Namespace, url: str) -> Any:
