@@ -194,6 +194,9 @@ TWIN_STATE: Schema = _obj(
         "gaps": {"type": "integer", "minimum": 0},
         "duplicates": {"type": "integer", "minimum": 0},
         "last_sample_ts": {"type": ["number", "null"]},
+        "epoch": {"type": ["integer", "null"], "description": "agent stream epoch of last_seq"},
+        "missing": {"type": "integer", "description": "batches currently missing inside open gaps"},
+        "worker": {"type": "string", "description": "the twin worker that owns the device"},
     },
     description="Twin state of one device, retained.",
 )

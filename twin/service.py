@@ -1,0 +1,356 @@
+"""The twin service: MQTT in, core, twin topics and time series out.
+
+Threads:
+
+* paho's network thread receives messages and only queues them (``_on_message``); with manual
+  acknowledgement, a message is acknowledged after the ingest thread has processed it, so the
+  broker's in-flight window (MQTT 5 Receive Maximum) is the back-pressure and a crash loses
+  nothing that was not yet processed (it is redelivered to the persistent session).
+* the ingest thread runs cycles: take what has arrived, :meth:`Ingestor.process`, acknowledge,
+  publish dead letters / anomaly events / twin state (at most one per device and
+  ``publish_interval_s``), hand points to the InfluxDB writer, take snapshots.
+* the InfluxDB writer (:mod:`twin.influx`) and the metrics HTTP server have their own threads.
+
+``TwinService(config).start()`` / ``.stop()`` work in-process (the demo, tests);
+``forgeline twin --config FILE`` runs it as a process (:mod:`twin.cli`).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+import paho.mqtt.client as paho
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from forgeline.contract import schemas, topics
+from forgeline.contract.topics import Kind, TopicError
+from forgeline.mqtt import MqttError, make_client
+from twin.config import TwinConfig
+from twin.ingest import CycleResult, DeadLetter, Ingestor
+from twin.state import TwinState
+
+if TYPE_CHECKING:
+    from twin.snapshot import Snapshotter
+
+log = logging.getLogger(__name__)
+
+RECEIVE_MAXIMUM = 2000  # QoS 1 messages the broker may have in flight to us before we acknowledge
+
+
+class TwinService:
+    """One twin worker. Thread-safe ``start()``, ``stop()``, ``snapshot_view()``."""
+
+    def __init__(self, config: TwinConfig) -> None:
+        self.config = config
+        self.worker_id = config.worker_id
+        self.ingestor = Ingestor(config)
+        self.state = TwinState(self.ingestor, self.worker_id)
+        self._inbox: deque[paho.MQTTMessage] = deque()
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._client: paho.Client | None = None
+        self._connected = threading.Event()
+        self._last_published: dict[int, float] = {}
+        self._dirty: set[int] = set()
+        self._last_fleet = 0.0
+        self._started_at = 0.0
+        self.last_cycle_at = 0.0
+        self.publish_failures = 0
+        self.lag_s = 0.0  # receive -> processed, of the last cycle's oldest message
+        self.snapshots: Snapshotter | None = None
+        self.writer: Any = None  # twin.influx.InfluxWriter when configured
+        self.metrics: Any = None
+        self.cluster: Any = None  # twin.cluster.Membership in scale-out mode
+        self._last_influx = 0.0
+        self._ingest_lock = threading.Lock()
+
+    # ---- life cycle -----------------------------------------------------------------------------------
+
+    def start(self, timeout: float = 10.0) -> TwinService:
+        """Restore the latest snapshot, connect, subscribe and start the ingest thread."""
+        if self.config.snapshot_dir:
+            from twin.snapshot import Snapshotter
+
+            self.snapshots = Snapshotter(self.config.snapshot_dir, self.config.snapshot_interval_s)
+            restored = self.snapshots.restore(self)
+            if restored:
+                log.info("restored snapshot of %d devices", len(self.ingestor.registry))
+        if self.config.influx is not None:
+            from twin.influx import InfluxWriter
+
+            self.writer = InfluxWriter(self.config.influx, worker=self.worker_id)
+            self.writer.start()
+        if self.config.metrics_port is not None:
+            from twin.metrics import MetricsServer
+
+            self.metrics = MetricsServer(self, self.config.metrics_host, self.config.metrics_port)
+            self.metrics.start()
+        self._started_at = time.time()
+        self._stopping.clear()
+        self._thread = threading.Thread(target=self._run, name=f"twin-ingest-{self.worker_id}", daemon=True)
+        self._thread.start()
+        self._connect(timeout)
+        return self
+
+    def _connect(self, timeout: float) -> None:
+        settings = self.config.mqtt_settings
+        client = make_client(settings, self.worker_id, clean=False)
+        client.manual_ack_set(True)
+        client.on_message = self._on_message
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        if self.cluster is not None:
+            self.cluster.configure_client(client)
+        props = None
+        if settings.protocol == 5:
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = self.config.session_expiry_s
+            props.ReceiveMaximum = RECEIVE_MAXIMUM
+        client.reconnect_delay_set(1, 10)
+        try:
+            if settings.protocol == 5:
+                client.connect(settings.host, settings.port, settings.keepalive, clean_start=False, properties=props)
+            else:
+                client.connect(settings.host, settings.port, settings.keepalive)
+        except OSError as exc:
+            raise MqttError(f"cannot connect to {settings.host}:{settings.port}: {exc}") from None
+        self._client = client
+        client.loop_start()
+        if not self._connected.wait(timeout):
+            self.stop()
+            raise MqttError(f"twin {self.worker_id}: no CONNACK from {settings.host}:{settings.port}")
+
+    def subscriptions(self) -> list[tuple[str, int]]:
+        tenants = self.config.tenants or ("+",)
+        subs: list[tuple[str, int]] = []
+        for tenant in tenants:
+            telemetry_filter = topics.device_filter(Kind.TELEMETRY, tenant)
+            event_filter = topics.device_filter(Kind.EVENT, tenant)
+            api_filter = f"{topics.PREFIX}/{tenant}/api/request/+"
+            if self.config.share_group:
+                telemetry_filter = topics.shared(self.config.share_group, telemetry_filter)
+                event_filter = topics.shared(self.config.share_group, event_filter)
+                api_filter = topics.shared(self.config.share_group, api_filter)
+            # every worker sees every birth (small, retained) so it can take over any device
+            subs += [(topics.device_filter(Kind.STATUS, tenant), 1), (telemetry_filter, 1), (event_filter, 1),
+                     (api_filter, 1)]
+            if self.cluster is not None:
+                subs.append((topics.device_filter(Kind.TWIN, tenant), 1))
+        if self.cluster is not None:
+            subs += self.cluster.subscriptions()
+        return subs
+
+    def _on_connect(self, client: paho.Client, _u: Any, _f: Any, reason_code: Any, _p: Any) -> None:
+        if getattr(reason_code, "is_failure", False):
+            log.error("twin %s: broker refused the connection: %s", self.worker_id, reason_code)
+            return
+        client.subscribe(self.subscriptions())
+        if self.cluster is not None:
+            self.cluster.on_connect(client)
+        self._connected.set()
+        log.info("twin %s connected and subscribed", self.worker_id)
+
+    def _on_disconnect(self, _c: paho.Client, _u: Any, _f: Any, reason_code: Any, _p: Any) -> None:
+        self._connected.clear()
+        if not self._stopping.is_set():
+            log.warning("twin %s disconnected (%s); paho reconnects", self.worker_id, reason_code)
+
+    def _on_message(self, _c: paho.Client, _u: Any, message: paho.MQTTMessage) -> None:
+        # The network thread does nothing else: the ingest thread owns all state.
+        self._inbox.append(message)
+        if not self._wake.is_set():
+            self._wake.set()
+
+    def stop(self, *, snapshot: bool = True) -> None:
+        """Process what has arrived, take a final snapshot, disconnect (idempotent)."""
+        self._stopping.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(30)
+            self._thread = None
+        if snapshot and self.snapshots is not None:
+            with self._ingest_lock:
+                self.snapshots.save(self)
+        if self.cluster is not None and self._client is not None:
+            self.cluster.leave(self._client)
+        if self._client is not None:
+            self._client.disconnect()
+            self._client.loop_stop()
+            self._client = None
+        if self.writer is not None:
+            self.writer.stop()
+        if self.metrics is not None:
+            self.metrics.stop()
+
+    def __enter__(self) -> TwinService:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # ---- the ingest thread ------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait(0.05)
+            self._wake.clear()
+            try:
+                with self._ingest_lock:
+                    worked = self._cycle()
+                    self._periodic()
+            except Exception:  # keep ingesting: a bug in one cycle must not stall the twin for months
+                log.exception("twin %s: ingest cycle failed", self.worker_id)
+                worked = False
+            if self._stopping.is_set() and not self._inbox and not worked:
+                return
+
+    def _take(self) -> list[paho.MQTTMessage]:
+        inbox = self._inbox
+        count = min(len(inbox), self.config.cycle_max_messages)
+        return [inbox.popleft() for _ in range(count)]
+
+    def _cycle(self) -> bool:
+        messages = self._take()
+        now = time.time()
+        self.last_cycle_at = now
+        if not messages:
+            return False
+        client = self._client
+        api: list[paho.MQTTMessage] = []
+        work: list[tuple[str, bytes]] = []
+        for message in messages:
+            topic = message.topic
+            if "/api/request/" in topic:
+                api.append(message)
+            elif self.cluster is not None and self.cluster.intercept(topic, message.payload, message.retain):
+                pass  # hand-off, membership or other workers' twin state: handled by the cluster
+            else:
+                work.append((topic, bytes(message.payload)))
+        if self.cluster is not None:
+            work = self.cluster.route(work)
+        result = self.ingestor.process(work, now) if work else CycleResult()
+        # Acknowledge only now: a crash before this point leaves the messages with the broker.
+        if client is not None:
+            for message in messages:
+                if message.qos > 0:
+                    try:
+                        client.ack(message.mid, message.qos)
+                    except Exception:  # a disconnect in between: the broker redelivers, dedup drops it
+                        pass
+        self.lag_s = now - messages[0].timestamp if messages[0].timestamp else 0.0
+        self._publish_result(result, now)
+        for message in api:
+            self._answer(message)
+        return True
+
+    def _publish(self, topic: str, document: Any, *, retain: bool = False, qos: int = 1) -> None:
+        client = self._client
+        if client is None:
+            return
+        info = client.publish(topic, schemas.dumps(document), qos=qos, retain=retain)
+        if info.rc != paho.MQTT_ERR_SUCCESS:
+            self.publish_failures += 1
+
+    def _publish_dead_letter(self, letter: DeadLetter) -> None:
+        log.info("dead letter %s: %s", letter.topic, letter.reason)
+        self._publish(topics.deadletter_topic(letter.tenant), letter.document())
+
+    def _publish_result(self, result: CycleResult, now: float) -> None:
+        for letter in result.dead_letters:
+            self._publish_dead_letter(letter)
+        for event in result.anomaly_events:
+            ref, document = self.state.anomaly_document(event)
+            self._publish(ref.anomaly_topic, document)
+            if self.writer is not None:
+                self.writer.anomaly(ref, self.ingestor.registry.devices[ref.key], document)
+        if self.writer is not None:
+            for device, event_doc in result.device_events:
+                self.writer.device_event(device, event_doc, self.ingestor)
+        self._dirty |= result.touched
+        self._publish_twins(now)
+
+    def _publish_twins(self, now: float, *, force: bool = False) -> None:
+        if not self._dirty:
+            return
+        interval = self.config.publish_interval_s
+        due = [d for d in self._dirty if force or now - self._last_published.get(d, 0.0) >= interval]
+        if not due:
+            return
+        rows = self.state.kpi_rows(due)
+        for index in due:
+            document = self.state.twin_document(index, rows[index], now)
+            device = self.ingestor.registry.by_index[index]
+            self._publish(device.ref.twin_topic, document, retain=True)
+            self._last_published[index] = now
+            self._dirty.discard(index)
+
+    def _periodic(self) -> None:
+        now = time.time()
+        for letter in self.ingestor.expire_unknown(now):
+            self._publish_dead_letter(letter)
+        self._publish_twins(now)
+        if self.cluster is not None:
+            self.cluster.tick(now)
+        if now - self._last_fleet >= self.config.fleet_interval_s:
+            self._last_fleet = now
+            for tenant in self.state.tenants():
+                if self.cluster is not None and not self.cluster.owns(f"fleet:{tenant}"):
+                    continue
+                summary = self.state.fleet_summary(tenant, now)
+                self._publish(topics.fleet_topic(tenant), summary, retain=True)
+                if self.writer is not None:
+                    self.writer.fleet(summary)
+        if self.writer is not None and now - self._last_influx >= self.writer.config.interval_s:
+            self._last_influx = now
+            self.writer.interval(self, now)
+        if self.snapshots is not None and self.snapshots.due(now):
+            self.snapshots.save(self)
+
+    def _answer(self, message: paho.MQTTMessage) -> None:
+        try:
+            parsed = topics.parse(message.topic)
+            if parsed.kind != "api_request" or parsed.tenant is None or parsed.method is None:
+                raise TopicError(f"not an API request topic: {message.topic}")
+            if self.config.tenants and parsed.tenant not in self.config.tenants:
+                raise TopicError(f"wrong tenant: {parsed.tenant!r} is not served by this twin")
+            response_topic, document = self.state.answer(parsed.tenant, parsed.method, bytes(message.payload))
+        except (TopicError, schemas.PayloadError) as exc:
+            tenant = message.topic.split("/")[2] if message.topic.count("/") >= 2 else None
+            letter = DeadLetter(message.topic, f"{type(exc).__name__}: {exc}", bytes(message.payload[:4096]),
+                                tenant, time.time())
+            counters = self.ingestor.counters.dead_letters
+            counters["api"] = counters.get("api", 0) + 1
+            self._publish_dead_letter(letter)
+            return
+        if response_topic is not None:
+            self._publish(response_topic, document)
+
+    # ---- read side for the demo and tests -----------------------------------------------------------
+
+    def snapshot_view(self) -> list[dict[str, Any]]:
+        """Per device: state, utilization, OEE, chamber fill, anomaly score (latest published twin state)."""
+        return self.state.view()
+
+    def wait_idle(self, timeout: float = 10.0) -> bool:
+        """Wait until every received message has been processed (tests, the demo's shutdown)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self._inbox and not self._ingest_lock.locked():
+                return True
+            time.sleep(0.01)
+        return False
+
+    def flush_twins(self) -> None:
+        """Publish the twin state of every device with news now, ignoring the rate limit."""
+        with self._ingest_lock:
+            self._publish_twins(time.time(), force=True)
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
