@@ -28,9 +28,9 @@ from __future__ import annotations
 import numpy as np
 
 from twin.core.config import DETECTORS, CoreConfig
-from twin.core.fleet import _params
+from twin.core.fleet import _params, channel_score
 from twin.core.kernels import channel_step, pca_tick
-from twin.core.layout import CH_CUSUM_REGIME, CH_FIELDS, CH_SCORE, MV_FIELDS, ROLE_ANALOG
+from twin.core.layout import CH_CUSUM_REGIME, CH_FIELDS, CH_Q, MV_FIELDS, P_Z_SCALE2, ROLE_ANALOG
 
 
 class MultivariateDetector:
@@ -104,7 +104,7 @@ class StreamingDetector:
             return self._multivariate.score_one([x])
         trial = self._row.copy()
         channel_step(trial, self.regime, float(x), self._params)
-        return float(trial[CH_SCORE])
+        return channel_score(float(trial[CH_Q]), float(self._params[P_Z_SCALE2]))
 
     def learn_one(self, x: float) -> None:
         if self._multivariate is not None:

@@ -47,7 +47,7 @@ from twin.core.layout import (
     CH_CUSUM_REGIME,
     CH_FIELDS,
     CH_LAST_T,
-    CH_SCORE,
+    CH_Q,
     DETECTOR_CODES,
     DF_FIELDS,
     DF_LAYER_PROGRESS,
@@ -75,6 +75,7 @@ from twin.core.layout import (
     P_EVENT_MIN,
     P_EVENT_OFF,
     P_EVENT_ON,
+    P_EWMA_FACTOR,
     P_EWMA_LAMBDA,
     P_FIELDS,
     P_GATED_FACTOR,
@@ -88,6 +89,8 @@ from twin.core.layout import (
     P_MV_SCORE_BASE,
     P_MV_WARMUP,
     P_MV_Z,
+    P_Q_EVENT_OFF,
+    P_Q_GATE,
     P_REL_FLOOR,
     P_SILENCE_MS,
     P_WARMUP,
@@ -191,7 +194,27 @@ def _params(config: CoreConfig) -> np.ndarray:
     params[P_MV_ALPHA] = config.mv_alpha
     params[P_MV_GATE] = config.mv_learn_gate
     params[P_MV_SCORE_BASE] = 1.0 - config.event_on
+    # the hot loop keeps each channel's statistic q and compares it with these thresholds; the
+    # score q / (q + z_scale²) is only computed when someone reads it
+    z_scale2 = config.z_scale**2
+    params[P_EWMA_FACTOR] = (2.0 - config.ewma_lambda) / config.ewma_lambda
+    params[P_Q_GATE] = q_threshold(config.learn_gate, z_scale2)
+    params[P_Q_EVENT_OFF] = q_threshold(config.event_off, z_scale2)
     return params
+
+
+def q_threshold(score: float, z_scale2: float) -> float:
+    """The statistic q at which a channel's score q / (q + z_scale²) reaches ``score``.
+
+    >>> q_threshold(0.5, 16.0)
+    16.0
+    """
+    return score * z_scale2 / (1.0 - score) if score < 1.0 else math.inf
+
+
+def channel_score(q: float, z_scale2: float) -> float:
+    """A channel's score in [0, 1] from its statistic (the kernel's ``score_of_q``)."""
+    return q / (q + z_scale2)
 
 
 def _levels(config: CoreConfig) -> np.ndarray:
@@ -630,7 +653,7 @@ class FleetCore:
         """The latest score in [0, 1] of each detector channel of the device (0 while warming up)."""
         self._check_device(device)
         return {
-            name: float(self.chan[device, slot, CH_SCORE])
+            name: channel_score(float(self.chan[device, slot, CH_Q]), float(self._params[P_Z_SCALE2]))
             for slot, name in enumerate(self._channel_names[device])
             if self.role[device, slot] == ROLE_ANALOG
         }

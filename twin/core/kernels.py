@@ -28,7 +28,6 @@ from twin.core.layout import (
     CH_EWMA,
     CH_LAST_T,
     CH_Q,
-    CH_SCORE,
     DET_CUSUM,
     DET_EWMA,
     DET_PCA,
@@ -72,6 +71,7 @@ from twin.core.layout import (
     P_EVENT_MIN,
     P_EVENT_OFF,
     P_EVENT_ON,
+    P_EWMA_FACTOR,
     P_EWMA_LAMBDA,
     P_GATED_FACTOR,
     P_HISTORICAL,
@@ -84,6 +84,8 @@ from twin.core.layout import (
     P_MV_SCORE_BASE,
     P_MV_WARMUP,
     P_MV_Z,
+    P_Q_EVENT_OFF,
+    P_Q_GATE,
     P_REL_FLOOR,
     P_WARMUP,
     P_Z_SCALE2,
@@ -179,13 +181,13 @@ def channel_step(row: np.ndarray, regime: int, x: float, params: np.ndarray) -> 
             fast = row[CH_EWMA] + lam * (x - row[CH_EWMA])
             row[CH_EWMA] = fast
             shift = fast - mean
-            q = max(q, shift * shift * inv_var * ((2.0 - lam) / lam))
+            q = max(q, shift * shift * inv_var * params[P_EWMA_FACTOR])
         q = min(q, Q_CAP)
     else:
         row[CH_EWMA] = row[CH_EWMA] + max(lam, 1.0 / (n + 1.0)) * (x - row[CH_EWMA])
-    score = score_of_q(q, z_scale2)
     factor = 1.0
-    if n >= params[P_WARMUP] and score > params[P_LEARN_GATE]:
+    # score q / (q + z_scale²) > learn_gate, compared as a statistic: no division per sample
+    if n >= params[P_WARMUP] and q > params[P_Q_GATE]:
         factor = params[P_GATED_FACTOR]  # an incident must not become the new normal while it lasts
     learn_x = x
     if n >= params[P_WARMUP]:
@@ -199,7 +201,6 @@ def channel_step(row: np.ndarray, regime: int, x: float, params: np.ndarray) -> 
     row[base] = new_mean
     row[base + 1] = new_var
     row[base + 2] = n + 1.0
-    row[CH_SCORE] = score
     old_q = row[CH_Q]
     row[CH_Q] = q
     return q - old_q
@@ -283,9 +284,9 @@ def device_tick(
             devi[d, DI_EVENT_RUN] += 1
             if devi[d, DI_EVENT_RUN] >= needed:
                 mask = 0
-                off = params[P_EVENT_OFF]
+                q_off = params[P_Q_EVENT_OFF]  # a channel score of at least event_off
                 for c in range(min(chan.shape[1], 63)):
-                    if chan[d, c, CH_SCORE] >= off:
+                    if chan[d, c, CH_Q] >= q_off:
                         mask |= 1 << c
                 devi[d, DI_EVENT_ACTIVE] = 1
                 devi[d, DI_EVENT_RUN] = 0
@@ -716,6 +717,11 @@ def ingest_batch(
     tick_device = -1
     tick_t = 0
     tick_scored = False
+    group_device = -1
+    group_t = 0
+    t_ms = 0
+    regime = 0
+    warmup = params[P_WARMUP]
     for i in range(device.shape[0]):
         d = device[i]
         c = channel[i]
@@ -755,10 +761,16 @@ def ingest_batch(
             stats[ST_NONFINITE] += 1
             continue
         r = role[d, c]
-        if t > stats[ST_MAX_T]:
-            stats[ST_MAX_T] = t
-        if t // 1000 > devi[d, DI_LAST_SEEN_MS]:
-            devi[d, DI_LAST_SEEN_MS] = t // 1000
+        if d != group_device or t != group_t:
+            # once per (device, timestamp) group, not per sample: the newest times and the regime
+            group_device = d
+            group_t = t
+            t_ms = t // 1000
+            if t > stats[ST_MAX_T]:
+                stats[ST_MAX_T] = t
+            if t_ms > devi[d, DI_LAST_SEEN_MS]:
+                devi[d, DI_LAST_SEEN_MS] = t_ms
+            regime = current_regime(d, st_code, devi)
         if r == ROLE_ANALOG:
             row = chan[d, c]
             if t < row[CH_LAST_T]:
@@ -768,12 +780,9 @@ def ingest_batch(
             if t == row[CH_LAST_T]:
                 continue  # a replayed duplicate: already learned
             row[CH_LAST_T] = t
-            regime = 0
-            if devi[d, DI_STATE_COUNT] > 0:
-                regime = _REGIME_OF_STATE[st_code[d, devi[d, DI_STATE_COUNT] - 1]]
             # the device baseline learns only from ticks with a warmed-up channel, so the sum does
             # not jump when channels leave their warm-up
-            warm = row[3 * regime + 2] >= params[P_WARMUP]
+            warm = row[3 * regime + 2] >= warmup
             devf[d, DF_SUM] += channel_step(row, regime, x, params)
             if multivariate:
                 mv_last[d, c] = x
@@ -787,14 +796,15 @@ def ingest_batch(
                 stats[ST_VALUE] += 1
                 continue
             code = int(x)
-            if state_sample(d, t // 1000, code, st_t, st_code, devi, bid, bval, levels, hold_ms):
+            if state_sample(d, t_ms, code, st_t, st_code, devi, bid, bval, levels, hold_ms):
                 stats[ST_ACCEPTED] += 1
+                regime = current_regime(d, st_code, devi)  # the rest of the group sees the new state
             else:
                 stats[ST_LATE] += 1
         elif ROLE_PRODUCED <= r <= ROLE_SCRAP:  # the three cumulative counters
             which = r - ROLE_PRODUCED
             field = BV_PRODUCED if r == ROLE_PRODUCED else BV_GOOD if r == ROLE_GOOD else BV_SCRAP
-            outcome = counter_sample(d, which, t // 1000, x, devf, devi, bid, bval, levels, field)
+            outcome = counter_sample(d, which, t_ms, x, devf, devi, bid, bval, levels, field)
             if outcome == 0:
                 stats[ST_ACCEPTED] += 1
                 if r == ROLE_GOOD:
@@ -827,6 +837,15 @@ def ingest_batch(
         if record:
             tick_scores[tick_last] = devf[tick_device, DF_SCORE]
     return n_events
+
+
+@njit(**NJIT_OPTIONS)
+def current_regime(d: int, st_code: np.ndarray, devi: np.ndarray) -> int:
+    """The regime of the device's newest state point (rest when it has reported no state)."""
+    count = devi[d, DI_STATE_COUNT]
+    if count == 0:
+        return 0
+    return int(_REGIME_OF_STATE[st_code[d, count - 1]])
 
 
 @njit(**NJIT_OPTIONS)

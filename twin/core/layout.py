@@ -65,7 +65,7 @@ CH_CUSUM_POS: Final = 9
 CH_CUSUM_NEG: Final = 10
 CH_CUSUM_REGIME: Final = 11  # the regime the CUSUM sums belong to (reset on a regime change)
 CH_Q: Final = 12  # the channel's last statistic in z² units (its share of the device sum)
-CH_SCORE: Final = 13  # last channel score in [0, 1]
+CH_SCORE: Final = 13  # unused since the score is derived from CH_Q on read (kept: layout and snapshots)
 CH_LAST_T: Final = 14  # last accepted timestamp, µs (exact in float64 until the year 2255)
 CH_EWMA: Final = 15  # fast exponentially weighted mean of the channel (EWMA control chart)
 CH_FIELDS: Final = 16
@@ -141,7 +141,10 @@ P_MV_LAMBDA: Final = 20  # EWMA smoothing of the statistic (collective anomalies
 P_MV_ALPHA: Final = 21  # weight of a tick in the slow update of the means after the warm-up
 P_MV_GATE: Final = 22  # the means learn only while the smoothed statistic is below this share of its limit
 P_MV_SCORE_BASE: Final = 23  # 1 - event_on: score = 1 - base**s, so s = 1 (the control limit) scores event_on
-P_FIELDS: Final = 24
+P_EWMA_FACTOR: Final = 24  # (2 - lambda) / lambda: the EWMA chart's variance factor, once per batch
+P_Q_GATE: Final = 25  # learn_gate as a statistic: score > learn_gate  <=>  q > P_Q_GATE
+P_Q_EVENT_OFF: Final = 26  # event_off as a statistic (a channel takes part in an event)
+P_FIELDS: Final = 27
 
 DET_ZSCORE: Final = 1
 DET_CUSUM: Final = 2
