@@ -126,11 +126,11 @@ class LiveView:
     """Subscribes to twin topics and redraws a :class:`TwinView` every ``refresh_s`` seconds."""
 
     def __init__(self, settings: MqttSettings, out: TextIO = sys.stdout, refresh_s: float = 1.0,
-                 status_line: Callable[[], str] | None = None) -> None:
+                 status_line: Callable[[], str] | None = None, draw_enabled: bool = True) -> None:
         self.settings, self.out, self.refresh_s = settings, out, refresh_s
         self.view = TwinView()
         self.status_line = status_line
-        self.tty = out.isatty()
+        self.tty = out.isatty() and draw_enabled
         self._client: paho.Client | None = None
 
     def start(self) -> None:

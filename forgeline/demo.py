@@ -1,0 +1,183 @@
+"""``forgeline demo``: the whole stack on one machine.
+
+Starts a broker (Mosquitto when installed, else embedded amqtt), the twin service, and an edge agent
+running a simulated fleet — 3D printers of every technology across two partner factories
+(``factory-a``, ``factory-b``) and a microwave-oven line (``oven-plant``) — then shows a live view of
+what the twin computes, read back from the retained twin topics like any platform service would.
+
+    forgeline demo                       # until Ctrl-C
+    forgeline demo --duration 60         # a bounded run, then a summary
+    forgeline demo --speed 600           # builds finish in seconds
+    forgeline demo --influx-url http://127.0.0.1:8086 --influx-token T   # also write time series
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import signal
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from forgeline.broker import RunningBroker, start_broker
+from forgeline.mqtt import MqttSettings
+from forgeline.view import LiveView
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--duration", type=float, default=0.0, help="seconds to run (default: until Ctrl-C)")
+    parser.add_argument("--speed", type=float, default=120.0,
+                        help="simulated process time per wall-clock second (default 120: a 2 h build in 1 min)")
+    parser.add_argument("--rate", type=float, default=5.0, help="samples per second per channel (default 5)")
+    parser.add_argument("--seed", type=int, default=7, help="seed of the simulation and its injected anomalies")
+    parser.add_argument("--broker", default=None,
+                        help="use a running broker (mqtt://host:port) instead of starting one")
+    parser.add_argument("--broker-kind", choices=["auto", "mosquitto", "amqtt"], default="auto",
+                        help="which broker to start (default: mosquitto if installed, else amqtt)")
+    parser.add_argument("--refresh", type=float, default=1.0, help="seconds between redraws (default 1)")
+    parser.add_argument("--data-dir", type=Path, default=None,
+                        help="where the agent spool, twin snapshots and anomaly labels go (default: a temp dir)")
+    parser.add_argument("--influx-url", default=None, help="also write time series to this InfluxDB v2 API URL")
+    parser.add_argument("--influx-token", default="", help="InfluxDB token (user:password for 1.x)")
+    parser.add_argument("--influx-org", default="forgeline")
+    parser.add_argument("--influx-bucket", default="forgeline", help="bucket (database/retention for 1.x)")
+    parser.add_argument("--influx-interval", type=float, default=2.0,
+                        help="seconds between downsampled points (default 2)")
+    parser.add_argument("--no-view", action="store_true", help="no live view; print a summary at the end")
+    parser.add_argument("--summary-json", type=Path, default=None,
+                        help="write the final twin state of every device to this JSON file")
+
+
+class Demo:
+    """The demo's parts, started in order and stopped in reverse (also usable from tests)."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.broker: RunningBroker | None = None
+        self.settings: MqttSettings | None = None
+        self.twin: Any = None
+        self.agent: Any = None
+        self.view: LiveView | None = None
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+
+    def start(self) -> None:
+        from edge_agent.agent import start_simulated_fleet
+        from edge_agent.sources.simulator import demo_fleet
+        from twin.config import InfluxConfig, TwinConfig
+        from twin.service import TwinService
+
+        args = self.args
+        if args.data_dir is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="forgeline-demo-")
+            data_dir = Path(self._tmp.name)
+        else:
+            data_dir = args.data_dir
+            data_dir.mkdir(parents=True, exist_ok=True)
+        if args.broker:
+            self.settings = MqttSettings.from_url(args.broker)
+        else:
+            self.broker = start_broker(prefer=args.broker_kind)
+            print(f"broker: {self.broker.kind} on {self.broker.host}:{self.broker.port}"
+                  + ("" if self.broker.kind == "mosquitto" else " (embedded fallback: no mosquitto binary found)"),
+                  file=sys.stderr)
+            self.settings = MqttSettings(self.broker.host, self.broker.port, protocol=5 if self.broker.mqtt5 else 4)
+        url = f"mqtt://{self.settings.host}:{self.settings.port}"
+        influx = None
+        if args.influx_url:
+            influx = InfluxConfig(url=args.influx_url, token=args.influx_token, org=args.influx_org,
+                                  bucket=args.influx_bucket, interval_s=args.influx_interval,
+                                  flush_interval_s=min(1.0, args.influx_interval),
+                                  spill_dir=str(data_dir / "influx-spill"))
+        mqtt_options = {"protocol": self.settings.protocol}
+        config = TwinConfig(broker=url, mqtt=mqtt_options, worker_id="demo-twin", publish_interval_s=1.0,
+                            fleet_interval_s=2.0, snapshot_dir=str(data_dir / "snapshots"), influx=influx)
+        self.twin = TwinService(config).start()
+        fleet = demo_fleet(labels_file=str(data_dir / "anomaly-labels.jsonl"))
+        self.agent = start_simulated_fleet(self.settings, fleet, speed=args.speed, seed=args.seed,
+                                           rate_hz=args.rate, spool_path=data_dir / "spool.sqlite")
+        # The view reads the retained twin topics like any platform service; it also feeds the summary.
+        self.view = LiveView(self.settings, refresh_s=args.refresh, status_line=self.status_line,
+                             draw_enabled=not args.no_view)
+        self.view.start()
+
+    def status_line(self) -> str:
+        try:
+            stats = self.agent.stats() if self.agent else {}
+        except Exception:  # the view must never die on a stats read
+            return ""
+        published = stats.get("samples_published", stats.get("published_samples", 0))
+        return f"speed ×{self.args.speed:g}, {published:,} samples published"
+
+    def stop(self) -> None:
+        # Reverse order: the view, then the agent (drains its batches), the twin, the broker.
+        for part, name in ((self.view, "view"), (self.agent, "agent"), (self.twin, "twin"), (self.broker, "broker")):
+            if part is None:
+                continue
+            try:
+                part.stop()
+            except Exception:
+                log.exception("stopping the %s failed", name)
+        if self._tmp is not None:
+            self._tmp.cleanup()
+
+    def final_twins(self) -> list[dict[str, Any]]:
+        """The latest twin-state document of every device, as received on the twin topics."""
+        if self.view is None:
+            return []
+        with self.view.view.lock:
+            return [doc for _key, doc in sorted(self.view.view.twins.items())]
+
+
+def _summary(twins: list[dict[str, Any]]) -> str:
+    lines = [f"{'device':<40} {'state':<11} {'util':>6} {'OEE':>6} {'fill':>6} {'anomaly':>7}"]
+
+    def pct(value: Any) -> str:
+        return "     -" if value is None else f"{100 * value:5.1f}%"
+
+    for twin in twins:
+        kpis = twin.get("kpis", {})
+        score = kpis.get("anomaly_score")
+        device = "/".join(str(twin.get("device", {}).get(k, "?")) for k in ("tenant", "site", "area", "device"))
+        lines.append(f"{device:<40.40} {str(twin.get('state', '?')):<11} {pct(kpis.get('utilization'))} "
+                     f"{pct(kpis.get('oee'))} {pct(kpis.get('chamber_fill'))} "
+                     f"{'      -' if score is None else f'{score:7.2f}'}")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    stop = threading.Event()
+
+    def on_signal(_signum: int, _frame: FrameType | None) -> None:
+        stop.set()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    demo = Demo(args)
+    started = time.time()
+    try:
+        demo.start()
+        deadline = started + args.duration if args.duration > 0 else None
+        while not stop.is_set():
+            if deadline is not None and time.time() >= deadline:
+                break
+            if demo.view is not None and not args.no_view:
+                demo.view.draw(started)
+            stop.wait(args.refresh if deadline is None else max(0.0, min(args.refresh, deadline - time.time())))
+        twins = demo.final_twins()
+    finally:
+        for sig, handler in previous.items():
+            with contextlib.suppress(ValueError):
+                signal.signal(sig, handler)
+        demo.stop()
+    print(f"\nforgeline demo ran {time.time() - started:.0f} s; final twin state:\n{_summary(twins)}")
+    if args.summary_json:
+        args.summary_json.write_text(json.dumps(twins, indent=2, default=str))
+    return 0
