@@ -147,7 +147,7 @@ def _summary(twins: list[dict[str, Any]]) -> str:
         kpis = twin.get("kpis", {})
         score = kpis.get("anomaly_score")
         device = "/".join(str(twin.get("device", {}).get(k, "?")) for k in ("tenant", "site", "area", "device"))
-        lines.append(f"{device:<40.40} {str(twin.get('state', '?')):<11} {pct(kpis.get('utilization'))} "
+        lines.append(f"{device:<40.40} {twin.get('state', '?')!s:<11} {pct(kpis.get('utilization'))} "
                      f"{pct(kpis.get('oee'))} {pct(kpis.get('chamber_fill'))} "
                      f"{'      -' if score is None else f'{score:7.2f}'}")
     return "\n".join(lines)

@@ -106,9 +106,10 @@ class TwinView:
             fleet = fleets.get(tenant)
             if fleet:
                 k = fleet.get("kpis", {})
-                lines.append(c("\033[90m", f"{'':12} {tenant} fleet: {fleet.get('online', 0)}/{fleet.get('devices', 0)}"
-                                           f" online, utilization {_pct(k.get('utilization')).strip()}, "
-                                           f"OEE {_pct(k.get('oee')).strip()}, fill {_pct(k.get('chamber_fill')).strip()}"))
+                summary = (f"{'':12} {tenant} fleet: {fleet.get('online', 0)}/{fleet.get('devices', 0)} online, "
+                           f"utilization {_pct(k.get('utilization')).strip()}, OEE {_pct(k.get('oee')).strip()}, "
+                           f"fill {_pct(k.get('chamber_fill')).strip()}")
+                lines.append(c("\033[90m", summary))
             lines.append("")
         if not twins:
             lines.append("waiting for twin state ...")
