@@ -114,8 +114,10 @@ class Demo:
             stats = self.agent.stats() if self.agent else {}
         except Exception:  # the view must never die on a stats read
             return ""
-        published = stats.get("samples_published", stats.get("published_samples", 0))
-        return f"speed ×{self.args.speed:g}, {published:,} samples published"
+        devices = stats.get("devices", {}).values()
+        published = sum(int(d.get("published_samples", 0)) for d in devices)
+        spooled = int(stats.get("spool", {}).get("queued_rows", 0) or 0)
+        return f"speed ×{self.args.speed:g}, {published:,} samples published, {spooled} batches spooled"
 
     def stop(self) -> None:
         # Reverse order: the view, then the agent (drains its batches), the twin, the broker.

@@ -24,6 +24,7 @@ from forgeline.mqtt import MqttSettings, connect
 
 _STATE_STYLE = {
     "printing": "\033[32m",
+    "producing": "\033[32m",
     "heating": "\033[33m",
     "idle": "\033[37m",
     "paused": "\033[36m",
@@ -56,7 +57,7 @@ class TwinView:
     lock: threading.Lock = field(default_factory=threading.Lock)
     messages: int = 0
 
-    def on_message(self, topic: str, payload: bytes) -> None:
+    def on_message(self, topic: str, payload: bytes | bytearray) -> None:
         try:
             parsed = topics.parse(topic)
             document = json.loads(payload)
@@ -92,6 +93,8 @@ class TwinView:
                 kpis = twin.get("kpis", {})
                 state = twin.get("state", "?") if twin.get("online", True) else "offline"
                 tech = str(twin.get("capabilities", {}).get("technology", ""))[:6]
+                if tech == "line" and state == "printing":
+                    state = "producing"  # the same state code; a line station produces units
                 score = kpis.get("anomaly_score")
                 score_text = f"{score:7.2f}" if score is not None else "    -  "
                 if score is not None and score >= 0.8:
