@@ -141,3 +141,80 @@ def start_influxd(workdir: Path, database: str = "forgeline", timeout: float = 3
             yield server
         finally:
             server.stop()
+
+
+# --- VictoriaMetrics: a server that speaks the InfluxDB v2 write API (/api/v2/write) -----------------
+
+
+def find_victoria_metrics() -> str | None:
+    for candidate in ("victoria-metrics", "victoria-metrics-prod", "/usr/bin/victoria-metrics"):
+        path = shutil.which(candidate)
+        if path:
+            return path
+    return None
+
+
+@dataclass
+class RunningVictoriaMetrics:
+    """A victoria-metrics process on a fixed loopback port; ``stop()`` and ``start()`` simulate an outage
+    (the storage directory survives, the port stays the same)."""
+
+    url: str
+    port: int
+    workdir: Path
+    _process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+
+    def start(self, timeout: float = 30.0) -> None:
+        binary = find_victoria_metrics()
+        if binary is None:
+            raise InfluxError("victoria-metrics is not installed (apt-get install victoria-metrics)")
+        with (self.workdir / "vm.log").open("ab") as log:
+            self._process = subprocess.Popen(
+                [binary, f"-storageDataPath={self.workdir}/data", f"-httpListenAddr=127.0.0.1:{self.port}",
+                 "-retentionPeriod=100y", "-search.disableCache", "-loggerLevel=WARN"],
+                stdout=log, stderr=log, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while True:
+            if self._process.poll() is not None:
+                raise InfluxError(f"victoria-metrics exited with {self._process.returncode}; see {self.workdir}/vm.log")
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=2):
+                    return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise InfluxError(f"victoria-metrics did not answer within {timeout}s") from None
+                time.sleep(0.1)
+
+    def stop(self) -> None:
+        if self._process is not None and self._process.poll() is None:
+            self._process.terminate()
+            try:
+                self._process.wait(10)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait(5)
+
+    def export(self, match: str) -> list[dict[str, Any]]:
+        """Every series matching the selector (``{__name__="kpi_oee",tenant="acme"}``), after a flush."""
+        with urllib.request.urlopen(f"{self.url}/internal/force_flush", timeout=30):
+            pass
+        query = urllib.parse.urlencode({"match[]": match})
+        with urllib.request.urlopen(f"{self.url}/api/v1/export?{query}", timeout=30) as response:
+            text = response.read().decode()
+        return [json.loads(row) for row in text.splitlines() if row.strip()]
+
+
+@contextmanager
+def start_victoria_metrics(workdir: Path, timeout: float = 30.0) -> Iterator[RunningVictoriaMetrics]:
+    """A fresh victoria-metrics on a free loopback port with its storage in ``workdir``; stopped on exit.
+
+    Points written as InfluxDB line protocol become series named ``<measurement>_<field>``.
+    """
+    workdir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    server = RunningVictoriaMetrics(f"http://127.0.0.1:{port}", port, workdir)
+    try:
+        server.start(timeout)
+        yield server
+    finally:
+        server.stop()

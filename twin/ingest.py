@@ -33,7 +33,7 @@ from twin.config import TwinConfig
 from twin.core import BuildError, CoreError, FleetCore
 from twin.registry import Device, Registry
 from twin.sequence import DeviceSequences, Verdict
-from twin.unpack import Columns, accumulate_latest
+from twin.unpack import Columns, accumulate_latest, bucket_means
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ class CycleResult:
     anomaly_events: list[Any] = field(default_factory=list)  # twin.core.AnomalyEvent
     device_events: list[tuple[Device, dict[str, Any]]] = field(default_factory=list)
     samples: int = 0
-    newest_publish_lag_s: float | None = None
+    historical_means: list[tuple[int, int, int, float]] = field(default_factory=list)  # device, slot, t_us, mean
 
 
 @dataclass
@@ -137,6 +137,7 @@ class Ingestor:
         self.last_t = np.full((capacity, width), np.iinfo(np.int64).min, dtype=np.int64)
         self.interval_sum = np.zeros((capacity, width))
         self.interval_count = np.zeros((capacity, width), dtype=np.int64)
+        self.historical_interval_us = 0  # set when a time-series writer wants replayed data per time bucket
 
     # ---- helpers ------------------------------------------------------------------------------------
 
@@ -345,7 +346,10 @@ class Ingestor:
             self.counters.reject_samples("late", stats.late)
             result.samples += stats.accepted
             accumulate_latest(device, slot, t_us, values, self.last_value, self.last_t, self.interval_sum,
-                              self.interval_count)
+                              self.interval_count, not is_historical)
+            if is_historical and self.historical_interval_us:
+                result.historical_means.extend(bucket_means(device, slot, t_us, values, self.historical_interval_us,
+                                                            self.core.channels_per_device))
 
     # ---- births and events ------------------------------------------------------------------------
 

@@ -86,6 +86,7 @@ class TwinService:
 
             self.writer = InfluxWriter(self.config.influx, worker=self.worker_id)
             self.writer.start()
+            self.ingestor.historical_interval_us = int(self.config.influx.interval_s * 1e6)
         if self.config.metrics_port is not None:
             from twin.metrics import MetricsServer
 
@@ -270,6 +271,8 @@ class TwinService:
             if self.writer is not None:
                 self.writer.anomaly(ref, self.ingestor.registry.devices[ref.key], document)
         if self.writer is not None:
+            if result.historical_means:
+                self.writer.historical(self.ingestor, result.historical_means)
             for device, event_doc in result.device_events:
                 self.writer.device_event(device, event_doc, self.ingestor)
         self._dirty |= result.touched

@@ -77,10 +77,11 @@ def _unpack(f8, u4, u2, value_start, off_start, chan_start, count, t_base, devic
 
 
 @njit(**NJIT_OPTIONS)
-def accumulate_latest(device, slot, t_us, values, last_value, last_t, interval_sum, interval_count):
+def accumulate_latest(device, slot, t_us, values, last_value, last_t, interval_sum, interval_count, add_to_interval):
     """Latest value per (device, slot) by sample time, and the interval's sum and count of finite values.
 
-    Rows with a negative slot or a non-finite value are skipped (the core counts them).
+    Rows with a negative slot or a non-finite value are skipped (the core counts them). Replayed data
+    (``add_to_interval`` False) updates the latest values only: its means go to their own time buckets.
     """
     for k in range(device.shape[0]):
         s = slot[k]
@@ -91,8 +92,9 @@ def accumulate_latest(device, slot, t_us, values, last_value, last_t, interval_s
         if t_us[k] >= last_t[d, s]:
             last_t[d, s] = t_us[k]
             last_value[d, s] = v
-        interval_sum[d, s] += v
-        interval_count[d, s] += 1
+        if add_to_interval:
+            interval_sum[d, s] += v
+            interval_count[d, s] += 1
 
 
 class Columns:
@@ -201,6 +203,7 @@ def reference_unpack(
 def reference_accumulate(
     device: list[int], slot: list[int], t_us: list[int], values: list[float],
     last: dict[tuple[int, int], tuple[int, float]], sums: dict[tuple[int, int], tuple[float, int]],
+    add_to_interval: bool = True,
 ) -> None:
     """Slow reference of :func:`accumulate_latest` on dictionaries."""
     import math
@@ -210,5 +213,32 @@ def reference_accumulate(
             continue
         if (d, s) not in last or t >= last[(d, s)][0]:
             last[(d, s)] = (t, v)
-        total, n = sums.get((d, s), (0.0, 0))
-        sums[(d, s)] = (total + v, n + 1)
+        if add_to_interval:
+            total, n = sums.get((d, s), (0.0, 0))
+            sums[(d, s)] = (total + v, n + 1)
+
+
+def bucket_means(
+    device: np.ndarray, slot: np.ndarray, t_us: np.ndarray, values: np.ndarray, interval_us: int, width: int
+) -> list[tuple[int, int, int, float]]:
+    """Means of finite samples per (device, slot, time bucket): ``(device, slot, bucket_start_us, mean)``.
+
+    For replayed data, whose samples belong to past intervals rather than the current one.
+    """
+    keep = (slot >= 0) & np.isfinite(values)
+    if not keep.any():
+        return []
+    device, slot, t_us, values = device[keep], slot[keep], t_us[keep], values[keep]
+    bucket = t_us // interval_us
+    low = int(bucket.min())
+    combined = (bucket - low) * (int(device.max()) + 1) * width + device.astype(np.int64) * width + slot
+    unique, inverse = np.unique(combined, return_inverse=True)
+    sums = np.bincount(inverse, weights=values)
+    counts = np.bincount(inverse)
+    out: list[tuple[int, int, int, float]] = []
+    stride = (int(device.max()) + 1) * width
+    for k, code in enumerate(unique.tolist()):
+        b, rest = divmod(code, stride)
+        d, s = divmod(rest, width)
+        out.append((d, s, (b + low) * interval_us, float(sums[k] / counts[k])))
+    return out
