@@ -139,3 +139,22 @@ def test_memory_only_when_multivariate() -> None:
     assert plain.mv_cov.size == 0
     # slots² co-moments/axes plus four slot vectors and the device fields, float64
     assert pca.state_bytes() - plain.state_bytes() == 10 * (20 * 20 + 4 * 20 + 5) * 8
+
+
+def test_snapshot_without_multivariate_arrays_still_restores() -> None:
+    """A snapshot written before the pca detector existed has no mv_* arrays; it restores exactly."""
+    import io
+
+    core = FleetCore(max_devices=1, channels_per_device=2)
+    d = core.add_device("acme/s/a/p1", technology="FDM", channels=["x"])
+    core.ingest(np.array([d]), np.array([0]), np.array([T0]), np.array([1.5]))
+    blob = core.snapshot()
+    magic = b"FLCORE1\n"
+    size = int.from_bytes(blob[len(magic) : len(magic) + 8], "little")
+    head = blob[: len(magic) + 8 + size]
+    with np.load(io.BytesIO(blob[len(head) :])) as data:
+        old = {name: data[name] for name in data.files if not name.startswith("mv_")}
+    buffer = io.BytesIO()
+    np.savez(buffer, **old)
+    restored = FleetCore.restore(head + buffer.getvalue())
+    assert restored.snapshot() == blob

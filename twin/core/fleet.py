@@ -714,7 +714,10 @@ class FleetCore:
         with np.load(io.BytesIO(blob[start + 8 + size :]), allow_pickle=False) as data:
             core._stats[:] = data["stats"]
             for name in cls._ARRAYS:
-                getattr(core, name)[: len(devices)] = data[name]
+                if name in data.files or not name.startswith("mv_"):
+                    # snapshots from before the multivariate detector carry no mv_* arrays: their
+                    # detector was not "pca", so the fresh zero-width arrays are exact
+                    getattr(core, name)[: len(devices)] = data[name]
         core._builds.extend(BuildRecord(**b) for b in meta["builds"])
         builds = list(core._builds)
         core._active_builds = {int(d): builds[i] for d, i in meta["active"].items()}
