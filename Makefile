@@ -7,7 +7,7 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-APT_PACKAGES := mosquitto mosquitto-clients influxdb victoria-metrics
+APT_PACKAGES := mosquitto mosquitto-clients influxdb victoria-metrics docker-compose
 SUDO := $(shell if [ "$$(id -u)" = 0 ]; then echo ""; elif sudo -n true 2>/dev/null; then echo sudo; else echo none; fi)
 
 .PHONY: setup system-packages venv specs demo test lint bench clean
