@@ -231,3 +231,32 @@ def test_anomaly_events_are_published(
     doc = json.loads(message.payload)
     schemas.validate("anomaly_event", doc)
     assert doc["phase"] == "start" and doc["device"] == ref.key and "nozzle_temp" in doc["channels"]
+
+
+def test_metrics_and_health_endpoints(
+    service_factory: Callable[..., TwinService], publisher: Publisher, collect: Callable[..., Collector], tenant: str
+) -> None:
+    import urllib.error
+    import urllib.request
+
+    service = service_factory(tenant, metrics_port=0)
+    assert service.metrics is not None
+    url = f"http://127.0.0.1:{service.metrics.port}"
+    ref = DeviceRef(tenant, "s", "a", "m1")
+    watch = collect(ref.twin_topic)
+    publisher.birth(ref, birth())
+    publisher.publish(ref.telemetry_topic, batch(0))
+    publisher.publish(ref.telemetry_topic, batch(0))
+    publisher.publish(ref.telemetry_topic, b"garbage")
+    _twin(watch, ref, lambda d: d["duplicates"] == 1)
+    service.wait_idle()
+    text = urllib.request.urlopen(f"{url}/metrics", timeout=5).read().decode()
+    worker = service.worker_id
+    assert f'forgeline_twin_samples_total{{worker="{worker}"}} 30.0' in text
+    assert f'forgeline_twin_batches_duplicate_total{{worker="{worker}"}} 1.0' in text
+    assert f'forgeline_twin_dead_letters_total{{reason="TelemetryError",worker="{worker}"}} 1.0' in text
+    assert f'forgeline_twin_devices{{worker="{worker}"}} 1.0' in text
+    health = json.loads(urllib.request.urlopen(f"{url}/healthz", timeout=5).read())
+    assert health["connected"] and not health["ingest_stalled"]
+    with pytest.raises(urllib.error.HTTPError):
+        urllib.request.urlopen(f"{url}/nope", timeout=5)

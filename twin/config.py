@@ -129,7 +129,7 @@ class TwinConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        if self.metrics_port is not None and not 0 <= self.metrics_port < 65536:
+        if self.metrics_port is not None and not 0 <= self.metrics_port < 65536:  # 0: any free port
             raise ConfigError(f"metrics.port out of range: {self.metrics_port}")
 
     @property

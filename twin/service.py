@@ -81,6 +81,8 @@ class TwinService:
             restored = self.snapshots.restore(self)
             if restored:
                 log.info("restored snapshot of %d devices", len(self.ingestor.registry))
+                # republish every twin from the restored state so the retained topics match it
+                self._dirty |= set(self.ingestor.registry.by_index)
         if self.config.influx is not None:
             from twin.influx import InfluxWriter
 
@@ -353,6 +355,10 @@ class TwinService:
         """Publish the twin state of every device with news now, ignoring the rate limit."""
         with self._ingest_lock:
             self._publish_twins(time.time(), force=True)
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._inbox)
 
     @property
     def connected(self) -> bool:
