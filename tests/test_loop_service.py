@@ -220,6 +220,16 @@ def test_killed_serve_process_loses_nothing_it_acknowledged(
         second.communicate(timeout=30)
     assert second.returncode == 0 and state.exists()
     assert (tmp_path / "state.json.journal").read_text() == ""  # folded into the snapshot at the clean stop
+    # The state file alone renders the report (one analysis of everything the service accepted).
+    report, as_json = tmp_path / "from-state.html", tmp_path / "from-state.json"
+    result = subprocess.run([sys.executable, "-m", "forgeline.cli", "loop", "report", "--model", "MW-20",
+                             "--state", str(state), "-o", str(report), "--json", str(as_json)],
+                            capture_output=True, text=True, env=env, timeout=60)
+    assert result.returncode == 0, result.stderr
+    document = json.loads(as_json.read_text())
+    assert sum(r["units"] for r in document["revisions"]) == units
+    assert sum(r["feedback"] for r in document["revisions"]) == feedback
+    assert "<svg" in report.read_text()
 
 
 @pytest.mark.parametrize("bad", [{"tenant": "_sys"}, {"interval_s": 0}])

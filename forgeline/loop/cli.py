@@ -2,6 +2,7 @@
 
     forgeline loop report --model MW-20 --input messages.jsonl -o report.html
     forgeline loop report --model MW-20 --tenant oven-maker --broker mqtt://127.0.0.1:1883 -o report.html
+    forgeline loop report --model MW-20 --state loop-state.json -o report.html
     forgeline loop serve --broker mqtt://127.0.0.1:1883 --tenant oven-maker --state loop-state.json
     forgeline loop simulate -o messages.jsonl --inject B:door_leakage_scale=1.8
 
@@ -38,6 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = report.add_mutually_exclusive_group(required=True)
     source.add_argument("--input", type=Path, help="recorded messages, JSON lines of {topic, payload}")
     source.add_argument("--broker", help="read the service's retained insights, e.g. mqtt://127.0.0.1:1883")
+    source.add_argument("--state", type=Path, help="the --state file of `forgeline loop serve` (and its journal)")
     report.add_argument("-o", "--output", type=Path, required=True, help="HTML file to write")
     report.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the retained insights")
     report.add_argument("--json", type=Path, help="also write the insights document as JSON")
@@ -130,7 +132,7 @@ def _report(args: argparse.Namespace) -> int:
     from forgeline.loop.report import render_report
 
     topics.check_ident(args.model, "model")
-    if args.input is not None:
+    if args.input is not None or args.state is not None:
         tenant, document = _document_from_file(args)
     else:
         if not args.tenant:
@@ -149,13 +151,20 @@ def _document_from_file(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     from forgeline.loop.intake import LoopStore
     from forgeline.loop.simulate import read_jsonl
 
-    store = LoopStore()
-    outcome = store.ingest_all(read_jsonl(args.input))
-    if outcome["rejected"]:
-        print(f"note: {outcome['rejected']} unusable messages skipped", file=sys.stderr)
+    if args.state is not None:
+        from forgeline.loop.service import load_state
+
+        if not args.state.exists():
+            raise ValueError(f"no state file {args.state}")
+        store = load_state(args.state)
+    else:
+        store = LoopStore()
+        outcome = store.ingest_all(read_jsonl(args.input))
+        if outcome["rejected"]:
+            print(f"note: {outcome['rejected']} unusable messages skipped", file=sys.stderr)
     found = store.find(args.model, args.tenant)
     if not found:
-        raise ValueError(f"no data for model {args.model!r} in {args.input}")
+        raise ValueError(f"no data for model {args.model!r} in {args.input or args.state}")
     if len(found) > 1:
         raise ValueError(f"model {args.model!r} appears for tenants {', '.join(m.tenant for m in found)}: "
                          "choose one with --tenant")

@@ -254,7 +254,7 @@ class LoopService:
     @property
     def journal_file(self) -> Path | None:
         path = self.config.state_file
-        return None if path is None else path.with_name(path.name + ".journal")
+        return None if path is None else journal_path(path)
 
     def _journal_append(self, topic: str, payload: bytes) -> None:
         if self.journal_file is None:
@@ -265,20 +265,7 @@ class LoopService:
         self._journal.flush()
 
     def _load_state(self) -> LoopStore:
-        path = self.config.state_file
-        store = LoopStore.restore(json.loads(path.read_text())) if path is not None and path.exists() else LoopStore()
-        journal = self.journal_file
-        if journal is not None and journal.exists():
-            replayed = 0
-            for line in journal.read_text(encoding="utf-8").splitlines():
-                try:
-                    record = json.loads(line)
-                    store.ingest(record["topic"], record["payload"].encode("utf-8"))
-                    replayed += 1
-                except (ValueError, KeyError, TypeError, IntakeError):
-                    continue  # a line torn by a crash mid-write, or input the store refuses again
-            log.info("replayed %d journaled messages from %s", replayed, journal)
-        return store
+        return load_state(self.config.state_file) if self.config.state_file is not None else LoopStore()
 
     def save_state(self) -> None:
         path = self.config.state_file
@@ -295,6 +282,27 @@ class LoopService:
             if self.journal_file is not None:
                 self.journal_file.write_text("")  # everything in it is in the snapshot now
             self._state_saved = time.monotonic()
+
+
+def journal_path(state_file: Path) -> Path:
+    return state_file.with_name(state_file.name + ".journal")
+
+
+def load_state(state_file: Path) -> LoopStore:
+    """The store a service with this state file had: the snapshot (if any) plus its journal replayed."""
+    store = LoopStore.restore(json.loads(state_file.read_text())) if state_file.exists() else LoopStore()
+    journal = journal_path(state_file)
+    if journal.exists():
+        replayed = 0
+        for line in journal.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+                store.ingest(record["topic"], record["payload"].encode("utf-8"))
+                replayed += 1
+            except (ValueError, KeyError, TypeError, AttributeError, IntakeError):
+                continue  # a line torn by a crash mid-write, or input the store refuses again
+        log.info("replayed %d journaled messages from %s", replayed, journal)
+    return store
 
 
 def _frozen(model: ModelData) -> ModelData:
