@@ -42,7 +42,7 @@ def read_secret(section: Any, key: str, base_dir: Path) -> str | None:
             return str((base_dir / file).read_text(encoding="utf-8").strip())
         except OSError as exc:
             raise section.error(f"{key}_file", f"cannot read {base_dir / file}: {exc.strerror}") from None
-    return value  # type: ignore[no-any-return]
+    return value
 
 
 @dataclass
