@@ -384,6 +384,17 @@ DEADLETTER: Schema = _obj(
     },
 )
 
+TWIN_WORKER: Schema = _obj(
+    ["worker", "ts"],
+    {
+        "worker": _ident,
+        "ts": _ts,
+        "group": _ident,
+        "affinity": {"enum": ["handoff", "broker"]},
+    },
+    description="A live twin worker of a shared-subscription group (retained; an empty payload clears it).",
+)
+
 # The binary telemetry batch is described for AsyncAPI as an opaque binary payload.
 TELEMETRY: Schema = {
     "title": "telemetry",
@@ -408,6 +419,7 @@ SCHEMAS: dict[str, Schema] = {
     "routing_request": ROUTING_REQUEST,
     "routing_response": ROUTING_RESPONSE,
     "deadletter": DEADLETTER,
+    "twin_worker": TWIN_WORKER,
 }
 
 

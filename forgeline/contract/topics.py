@@ -18,6 +18,8 @@ with one pattern such as ``fl/v1/%u/telemetry/#``)::
     fl/v1/_platform/routing/request                           order routing request (JSON)
     fl/v1/_platform/routing/response/{client_id}              order routing response (JSON)
     fl/v1/_sys/deadletter/{tenant}                            rejected input with the reason (JSON)
+    fl/v1/_sys/twin/worker/{client_id}                        twin worker membership (retained, JSON)
+    fl/v1/_sys/twin/handoff/{client_id}                       input handed to the worker that owns its device
 
 The tenant is the partner factory or plant that owns a device. Identifiers are 1-64 characters of
 ``[A-Za-z0-9_.-]``; a tenant may not start with ``_``, which marks the system roots.
@@ -174,6 +176,8 @@ def parse(topic: str) -> ParsedTopic:
     if tenant == SYSTEM:
         if kind == "deadletter" and len(rest) == 1:
             return ParsedTopic("deadletter", rest[0])
+        if kind == "twin" and len(rest) == 2 and rest[0] in ("worker", "handoff"):
+            return ParsedTopic(f"twin_{rest[0]}", None, client_id=check_ident(rest[1], "client id"))
         raise TopicError(f"unknown system topic {topic!r}")
     check_tenant(tenant)
     if kind in DEVICE_KINDS:
@@ -234,6 +238,16 @@ def deadletter_topic(tenant: str | None) -> str:
     return f"{PREFIX}/{SYSTEM}/deadletter/{tenant if tenant and _IDENT.match(tenant) else '_unknown'}"
 
 
+def twin_worker_topic(client_id: str) -> str:
+    """Membership of a twin worker (scale-out): retained while it lives, cleared by its last will."""
+    return f"{PREFIX}/{SYSTEM}/twin/worker/{check_ident(client_id, 'client id')}"
+
+
+def twin_handoff_topic(client_id: str) -> str:
+    """Where other twin workers hand over input for the devices this worker owns."""
+    return f"{PREFIX}/{SYSTEM}/twin/handoff/{check_ident(client_id, 'client id')}"
+
+
 # --- subscription filters ---------------------------------------------------------------------------
 
 
@@ -260,6 +274,11 @@ def insights_filter(tenant: str = "+") -> str:
     if tenant != "+":
         check_tenant(tenant)
     return f"{PREFIX}/{tenant}/insights/+"
+
+
+def twin_workers_filter() -> str:
+    """Every twin worker's membership topic."""
+    return f"{PREFIX}/{SYSTEM}/twin/worker/+"
 
 
 def shared(group: str, topic_filter: str) -> str:
@@ -333,4 +352,11 @@ TOPICS: tuple[TopicSpec, ...] = (
               "routing service", "platform", False, 1, "Order routing response with per-part decisions."),
     TopicSpec("deadletter", f"{PREFIX}/{SYSTEM}/deadletter/{{tenant}}", "deadletter", "twin", "operators",
               False, 1, "Rejected input with the reason; counted in the twin's metrics."),
+    TopicSpec("twin_worker", f"{PREFIX}/{SYSTEM}/twin/worker/{{client_id}}", "twin_worker", "twin", "twin",
+              True, 1, "Twin worker membership (scale-out): retained while the worker lives, cleared by its "
+              "last will; the live set decides which worker owns which device (rendezvous hashing)."),
+    TopicSpec("twin_handoff", f"{PREFIX}/{SYSTEM}/twin/handoff/{{client_id}}", "telemetry", "twin", "twin",
+              False, 1, "Telemetry or a device event that a shared subscription delivered to a worker that "
+              "does not own the device, handed to the owner; the original topic is the MQTT 5 user "
+              "property fl-topic."),
 )
