@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +20,9 @@ from typing import Any
 
 import pytest
 
+from forgeline.broker import free_port
+from forgeline.contract.timeseries import MEASUREMENTS
+from forgeline.dashboards.influxql import measurements_read
 from forgeline.dashboards.provisioning import dashboard_files
 from forgeline.dashboards.validate import ALL, interpolate, panels
 from tests.dashboard_data import Dataset, make_dataset
@@ -239,3 +244,73 @@ def test_dashboard_files_are_the_generated_ones_checked_in() -> None:
 def test_interval_helper() -> None:
     assert _grafana_interval(6 * 3600) == "30s"
     assert _grafana_interval(30 * 86400) == "3600s"
+
+
+# --- data written by a real demo run ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def demo_influx(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RunningInfluxd, set[str]]]:
+    """``forgeline demo`` (agents, broker, twin) run for 20 s with an InfluxDB URL nobody listens on: the
+    twin spills the exact line protocol it would have written, which is then loaded into influxd."""
+    workdir = tmp_path_factory.mktemp("demo")
+    nobody = f"http://127.0.0.1:{free_port()}"
+    result = subprocess.run([sys.executable, "-m", "forgeline.cli", "demo", "--duration", "20", "--no-view",
+                             "--influx-url", nobody, "--influx-interval", "1", "--data-dir", str(workdir / "data")],
+                            capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = [line for path in sorted((workdir / "data" / "influx-spill").glob("*.lp"))
+             for line in path.read_text().splitlines() if line]
+    assert lines, "the demo wrote no time series"
+    with start_influxd(workdir / "influxd") as server:
+        server.write(lines)
+        measurements = {row["name"] for row in server.query("SHOW MEASUREMENTS")}
+        yield server, measurements
+
+
+@pytest.mark.parametrize("uid", list(TENANT_OF))
+def test_panels_return_data_written_by_a_demo_run(demo_influx: tuple[RunningInfluxd, set[str]], uid: str) -> None:
+    """Every panel whose measurements the demo writes returns data for some tenant and variable values;
+    panels on measurements the demo does not write yet are listed (the synthetic test above covers them)."""
+    server, measurements = demo_influx
+    assert {"telemetry", "channel_score", "kpi", "fleet", "build", "unit"} <= measurements
+    [dashboard] = [d for d in dashboards() if d["uid"] == uid]
+    end = time.time() + 60
+    window, interval = time_range(dashboard, end)
+    tenants = variable_values(server, next(v["query"] for v in dashboard["templating"]["list"]
+                                           if v["name"] == "tenant"))
+    combos = [c for tenant in tenants for c in _try_assignments(server, dashboard, tenant, window, interval)]
+    fields = {m: set(variable_values(server, f'SHOW FIELD KEYS FROM "{m}"')) for m in measurements}
+    checked, not_written, failures = 0, set(), []
+    for panel in panels(dashboard):
+        for target in panel.get("targets", []):
+            read = set(measurements_read(target["query"]))
+            if not read <= measurements:
+                not_written |= read - measurements
+                continue
+            missing = {f"{m}.{f}" for m in read for f in re.findall(r'"(\w+)"', target["query"])
+                       if f in MEASUREMENTS[m].fields and f not in fields[m]}
+            if missing or not combos:
+                not_written |= missing or {f"variables of {uid}"}
+                continue
+            repeat = panel.get("repeat")
+            candidates = [{**c, repeat: v} for c in combos for v in _field_keys(server)] if repeat else combos
+            checked += 1
+            if not any(run(server, interpolate(target["query"], c, window, interval)) for c in candidates):
+                failures.append(f"{panel['title']!r} {target['refId']}")
+    assert failures == [], f"no data from the demo run for {failures}"
+    print(f"{uid}: {checked} queries returned demo data; measurements the demo does not write: {sorted(not_written)}")
+    if uid in ("forgeline-fleet", "forgeline-device", "forgeline-line"):
+        assert checked >= 10
+
+
+def _field_keys(server: RunningInfluxd) -> list[str]:
+    return variable_values(server, 'SHOW FIELD KEYS FROM "telemetry"')
+
+
+def _try_assignments(server: RunningInfluxd, dashboard: dict[str, Any], tenant: str, window: tuple[float, float],
+                     interval: str) -> list[dict[str, Any]]:
+    try:
+        return assignments(server, dashboard, tenant, window, interval)[0]
+    except AssertionError:  # a tenant without this dashboard's data (a printer factory has no line)
+        return []
