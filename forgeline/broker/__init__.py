@@ -142,8 +142,11 @@ def mosquitto_config(
         "log_type error",
         "log_type warning",
         "log_type notice",
-        "connection_messages false",
+        "connection_messages true",
     ]
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        # Started as root, mosquitto drops to the 'mosquitto' user, which cannot write our temp dir.
+        lines.append("user root")
     if persistence:
         lines += ["persistence true", f"persistence_location {workdir}/", "autosave_interval 1"]
     lines += list(extra)
