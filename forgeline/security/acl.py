@@ -77,9 +77,13 @@ RIGHTS: dict[Role, tuple[frozenset[str], frozenset[str]]] = {
         frozenset({"status", "telemetry", "event", "command_response", "api_request", "feedback"}),
     ),
     Role.TWIN: (
-        # twin/fleet/insights are read back too: the twin restores from its retained state.
-        frozenset({"status", "telemetry", "event", "feedback", "api_request", "twin", "fleet", "insights"}),
-        frozenset({"twin", "fleet", "anomaly", "api_response", "insights", "deadletter"}),
+        # twin/fleet/insights are read back too: the twin restores from its retained state. Only twin
+        # workers may write the scale-out topics: a handoff names the original topic in a property,
+        # which a worker may trust only because no one else can publish there.
+        frozenset({"status", "telemetry", "event", "feedback", "api_request", "twin", "fleet", "insights",
+                   "twin_worker", "twin_handoff"}),
+        frozenset({"twin", "fleet", "anomaly", "api_response", "insights", "deadletter", "twin_worker",
+                   "twin_handoff"}),
     ),
     Role.LOOP: (
         # the iteration loop (forgeline.loop.service): units, anomalies and feedback in, insights out
