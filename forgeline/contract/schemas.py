@@ -351,14 +351,69 @@ INSIGHTS: Schema = _obj(
     "confidence interval, p and q value and the evidence counts.",
 )
 
+_order_part: Schema = _obj(
+    ["part_id", "bbox_mm", "volume_cm3"],
+    {
+        "part_id": {"type": "string", "minLength": 1, "maxLength": 128},
+        "technology": {"enum": [t for t in _technologies if t != "line"]},
+        "material": {"type": "string", "minLength": 1},
+        "bbox_mm": {"type": "array", "items": {"type": "number"}, "minItems": 3, "maxItems": 3,
+                    "description": "x, y, z in millimetres (checked to be positive by routing, per part)"},
+        "volume_cm3": {"type": "number"},
+        "mass_g": {"type": "number"},
+        "quantity": {"type": "integer", "minimum": 1},
+        "due_ts": _ts,
+        "priority": {"type": "integer"},
+        "rotation": {"enum": ["any", "z", "none"]},
+        "rotation_allowed": {"type": "boolean"},
+    },
+    extra=True,
+    description="One part line; a bad part is rejected with a reason in the response, not the whole order.",
+)
+
+_order: Schema = _obj(
+    ["order_id", "parts"],
+    {
+        "order_id": _ident,
+        "customer": _ident,
+        "due_ts": _ts,
+        "priority": {"type": "integer"},
+        "parts": {"type": "array", "items": {"type": "object"}, "minItems": 1, "maxItems": 10000,
+                  "description": "part lines (see the order_part definition in docs/routing.md)"},
+    },
+    extra=True,
+)
+
 ROUTING_REQUEST: Schema = _obj(
     ["correlation_id", "client_id", "order"],
     {
         "correlation_id": {"type": "string", "minLength": 1, "maxLength": 128},
         "client_id": _ident,
-        "order": {"type": "object"},
-        "dry_run": {"type": "boolean"},
+        "order": _order,
+        "dry_run": {"type": "boolean", "description": "route without committing builds (no dispatch)"},
     },
+)
+
+_assignment: Schema = _obj(
+    ["unit_id", "part_id", "order_id", "printer", "build_id", "explanation"],
+    {
+        "unit_id": {"type": "string"},
+        "part_id": {"type": "string"},
+        "order_id": {"type": "string"},
+        "printer": {"type": "string", "description": "device key tenant/site/area/device"},
+        "factory": _ident,
+        "build_id": {"type": "string"},
+        "position_mm": {"type": "array", "items": {"type": "number"}, "minItems": 3, "maxItems": 3},
+        "size_mm": {"type": "array", "items": {"type": "number"}, "minItems": 3, "maxItems": 3},
+        "score": {"type": "number"},
+        "components": {"type": "object", "additionalProperties": {"type": "number"}},
+        "explanation": {"type": "string", "description": "why this printer, in one sentence"},
+        "runner_up": {"type": ["object", "null"]},
+        "due_ts": {"type": ["number", "null"]},
+        "expected_ready_ts": {"type": ["number", "null"]},
+        "on_time": {"type": ["boolean", "null"]},
+    },
+    extra=True,
 )
 
 ROUTING_RESPONSE: Schema = _obj(
@@ -366,8 +421,20 @@ ROUTING_RESPONSE: Schema = _obj(
     {
         "correlation_id": {"type": "string"},
         "ok": {"type": "boolean"},
-        "assignments": {"type": "array", "items": {"type": "object"}},
-        "rejected": {"type": "array", "items": {"type": "object"}},
+        "order_id": {"type": "string"},
+        "assignments": {"type": "array", "items": _assignment},
+        "rejected": {
+            "type": "array",
+            "items": _obj(["part_id", "reason"], {
+                "part_id": {"type": "string"},
+                "code": {"enum": ["invalid", "unknown_material", "no_capable_printer", "too_large",
+                                  "no_printer_available"]},
+                "reason": {"type": "string"},
+            }, extra=True),
+        },
+        "builds": {"type": "array", "items": {"type": "object"}},
+        "released": {"type": "array", "items": {"type": "string"}},
+        "objective": {"type": "object", "description": "the weights and release rules that decided"},
         "error": {"type": "string"},
     },
     extra=True,

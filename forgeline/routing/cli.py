@@ -1,0 +1,152 @@
+"""``forgeline route``: route an order against a fleet file or the live twin, or run the routing service.
+
+Examples::
+
+    forgeline route docs/examples/order.json --fleet docs/examples/fleet.json
+    forgeline route order.json --broker mqtt://127.0.0.1:1883          # fleet from retained twin/status
+    forgeline route --serve --broker mqtt://127.0.0.1:1883              # the MQTT routing service
+
+The routing response (assignments with explanations, rejected parts with reasons, builds) is
+printed as JSON; ``--summary`` prints one line per build and per rejected part instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+import time
+from typing import Any
+
+from forgeline.contract import schemas, topics
+from forgeline.contract.topics import Kind
+from forgeline.mqtt import MqttError, MqttSettings, connect
+from forgeline.routing.model import Fleet, FleetBuilder, FleetError, OrderError, load_order
+from forgeline.routing.router import ConfigError, Router, RoutingConfig
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("order", nargs="?", help="order JSON file (see docs/routing.md)")
+    parser.add_argument("--fleet", help="fleet JSON file; without it the fleet is read from --broker")
+    parser.add_argument("--broker", help="broker URL, e.g. mqtt://127.0.0.1:1883 (live twin and status topics)")
+    parser.add_argument("--username", help="broker username (a platform account such as _routing)")
+    parser.add_argument("--password", help="broker password")
+    parser.add_argument("--wait", type=float, default=2.0, help="seconds to collect retained fleet messages")
+    parser.add_argument("--config", help="routing config (YAML/JSON): weights, release rules, materials")
+    parser.add_argument("--now", type=float, help="routing time, seconds since the epoch (default: now)")
+    parser.add_argument("--no-keep-open", action="store_true", help="release every build at once")
+    parser.add_argument("--release-all", action="store_true", help="release the builds that stay open too")
+    parser.add_argument("--summary", action="store_true", help="one line per build and rejected part")
+    parser.add_argument("--serve", action="store_true", help="run the MQTT routing service")
+    parser.add_argument("--share-group", help="MQTT 5 shared-subscription group for several instances")
+    parser.add_argument("--no-dispatch", action="store_true", help="service: do not send jobs to agents")
+
+
+def fleet_from_broker(settings: MqttSettings, wait_s: float) -> tuple[Fleet, dict[str, str]]:
+    """Collect the retained status and twin messages of every tenant for ``wait_s`` seconds."""
+    builder = FleetBuilder()
+    lock = threading.Lock()
+    client = connect(settings)
+
+    def on_message(_c: Any, _u: Any, msg: Any) -> None:
+        kind = "status" if "/status/" in msg.topic else "twin_state"
+        if not msg.payload:
+            return
+        try:
+            document = schemas.loads(kind, bytes(msg.payload))
+        except schemas.PayloadError as exc:
+            with lock:
+                builder.problems[msg.topic] = str(exc)
+            return
+        with lock:
+            builder.apply(msg.topic, document)
+
+    client.on_message = on_message
+    client.subscribe([(topics.device_filter(Kind.STATUS), 1), (topics.device_filter(Kind.TWIN), 1)])
+    time.sleep(wait_s)
+    client.disconnect()
+    client.loop_stop()
+    with lock:
+        return builder.fleet(), dict(builder.problems)
+
+
+def _settings(args: argparse.Namespace) -> MqttSettings:
+    overrides: dict[str, Any] = {}
+    if args.username:
+        overrides["username"] = args.username
+        overrides["password"] = args.password
+    return MqttSettings.from_url(args.broker, **overrides) if args.broker else MqttSettings.from_env(**overrides)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        config = RoutingConfig.load(args.config) if args.config else RoutingConfig()
+        if args.no_keep_open:
+            config = RoutingConfig(config.weights, config.release, config.horizon_h, config.materials, False)
+        fleet = Fleet.load(args.fleet) if args.fleet else None
+    except (ConfigError, FleetError) as exc:
+        print(f"forgeline route: {exc}", file=sys.stderr)
+        return 2
+    if args.serve:
+        return _serve(args, config, fleet)
+    if not args.order:
+        print("forgeline route: give an ORDER.json (or --serve)", file=sys.stderr)
+        return 2
+    try:
+        order = load_order(args.order)
+    except OrderError as exc:
+        print(f"forgeline route: {exc}", file=sys.stderr)
+        return 2
+    if fleet is None:
+        try:
+            fleet, problems = fleet_from_broker(_settings(args), args.wait)
+        except (MqttError, ValueError) as exc:
+            print(f"forgeline route: {exc}", file=sys.stderr)
+            return 2
+        for key, problem in problems.items():
+            print(f"forgeline route: ignoring {key}: {problem}", file=sys.stderr)
+        if not len(fleet):
+            print("forgeline route: no printers found on the broker (no retained status/twin topics)",
+                  file=sys.stderr)
+    router = Router(fleet, config)
+    now = args.now if args.now is not None else time.time()
+    result = router.route(order, now)
+    if args.release_all:
+        for planned in router.release_all(now):
+            result.released.append(planned)
+            result.touched[planned.build_id] = planned
+    document = result.document(config)
+    if args.summary:
+        for build in document["builds"]:
+            print(f"{build['build_id']:<28} {build['printer']:<44} {build['status']:<9} parts {build['parts']:>4} "
+                  f"fill {build['fill']:.2f} height {build['height_mm']:.0f} mm  {build['release_reason'] or ''}")
+        for problem in document["rejected"]:
+            print(f"REJECTED {problem['part_id']}: {problem['reason']}")
+    else:
+        print(json.dumps(document, indent=2))
+    return 1 if document["rejected"] else 0
+
+
+def _serve(args: argparse.Namespace, config: RoutingConfig, fleet: Fleet | None) -> int:
+    from forgeline.routing.service import RoutingService
+
+    service = RoutingService(_settings(args), config, fleet, share_group=args.share_group,
+                             dispatch=not args.no_dispatch)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_a: stop.set())
+    try:
+        service.start()
+    except (MqttError, TimeoutError) as exc:
+        print(f"forgeline route: {exc}", file=sys.stderr)
+        return 2
+    print(f"routing service listening on {topics.routing_request_topic()}", file=sys.stderr)
+    try:
+        while not stop.wait(1.0):
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        service.stop()
+    return 0
