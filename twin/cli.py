@@ -77,10 +77,6 @@ def run(args: argparse.Namespace) -> int:
     from twin.service import TwinService
 
     service = TwinService(config)
-    if config.share_group:
-        from twin.cluster import Membership
-
-        service.cluster = Membership(service)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:

@@ -6,6 +6,7 @@ A YAML (or JSON) file, every key optional::
     mqtt: {username: twin, password: ..., ca_file: ca.pem, client_id: twin-1}
     worker_id: twin-1                    # default: host name and process id
     share_group: twin                    # MQTT 5 shared subscription group; omit for a single worker
+    affinity: handoff                    # scale-out: handoff (any broker) or broker (EMQX hash_topic)
     tenants: [acme, globex]              # tenants this twin serves; omit for all
     publish_interval_s: 1.0              # at most one retained twin state per device and interval
     fleet_interval_s: 5.0
@@ -88,6 +89,7 @@ class TwinConfig:
     mqtt: dict[str, Any] = field(default_factory=dict)
     worker_id: str = field(default_factory=_default_worker_id)
     share_group: str | None = None
+    affinity: str = "handoff"  # scale-out: "handoff" (any broker) or "broker" (EMQX hash_topic), see twin.cluster
     tenants: tuple[str, ...] | None = None
     publish_interval_s: float = 1.0
     fleet_interval_s: float = 5.0
@@ -120,6 +122,8 @@ class TwinConfig:
                 check_tenant(tenant)
         except TopicError as exc:
             raise ConfigError(str(exc)) from None
+        if self.affinity not in ("handoff", "broker"):
+            raise ConfigError(f"affinity must be 'handoff' or 'broker', got {self.affinity!r}")
         for name in ("publish_interval_s", "snapshot_interval_s"):
             _positive(name, getattr(self, name), allow_zero=name == "publish_interval_s")
         for name in ("fleet_interval_s", "max_clock_skew_s", "unknown_device_hold_s", "heartbeat_s"):

@@ -35,6 +35,7 @@ from twin.ingest import CycleResult, DeadLetter, Ingestor
 from twin.state import TwinState
 
 if TYPE_CHECKING:
+    from twin.cluster import Membership
     from twin.snapshot import Snapshotter
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,11 @@ class TwinService:
         self.snapshots: Snapshotter | None = None
         self.writer: Any = None  # twin.influx.InfluxWriter when configured
         self.metrics: Any = None
-        self.cluster: Any = None  # twin.cluster.Membership in scale-out mode
+        self.cluster: Membership | None = None
+        if config.share_group:
+            from twin.cluster import Membership
+
+            self.cluster = Membership(self)
         self._last_influx = 0.0
         self._ingest_lock = threading.Lock()
 
@@ -103,7 +108,11 @@ class TwinService:
 
     def _connect(self, timeout: float) -> None:
         settings = self.config.mqtt_settings
-        client = make_client(settings, self.worker_id, clean=False)
+        # One worker: a persistent session, so the broker keeps what arrives while the twin restarts.
+        # Several workers: a session that ends with the connection, because Mosquitto keeps handing a
+        # dead member's share of a shared subscription to its persistent session.
+        persistent = self.cluster is None
+        client = make_client(settings, self.worker_id, clean=not persistent)
         client.manual_ack_set(True)
         client.on_message = self._on_message
         client.on_connect = self._on_connect
@@ -113,12 +122,13 @@ class TwinService:
         props = None
         if settings.protocol == 5:
             props = Properties(PacketTypes.CONNECT)
-            props.SessionExpiryInterval = self.config.session_expiry_s
+            props.SessionExpiryInterval = self.config.session_expiry_s if persistent else 0
             props.ReceiveMaximum = RECEIVE_MAXIMUM
         client.reconnect_delay_set(1, 10)
         try:
             if settings.protocol == 5:
-                client.connect(settings.host, settings.port, settings.keepalive, clean_start=False, properties=props)
+                client.connect(settings.host, settings.port, settings.keepalive, clean_start=not persistent,
+                               properties=props)
             else:
                 client.connect(settings.host, settings.port, settings.keepalive)
         except OSError as exc:
@@ -227,16 +237,18 @@ class TwinService:
         client = self._client
         api: list[paho.MQTTMessage] = []
         work: list[tuple[str, bytes]] = []
+        cluster = self.cluster
         for message in messages:
             topic = message.topic
             if "/api/request/" in topic:
                 api.append(message)
-            elif self.cluster is not None and self.cluster.intercept(topic, message.payload, message.retain):
-                pass  # hand-off, membership or other workers' twin state: handled by the cluster
+            elif cluster is not None:
+                # membership, hand-off and other workers' twin state are handled by the cluster
+                item = cluster.accept(message)
+                if item is not None:
+                    work.append(item)
             else:
                 work.append((topic, bytes(message.payload)))
-        if self.cluster is not None:
-            work = self.cluster.route(work)
         result = self.ingestor.process(work, now) if work else CycleResult()
         # Acknowledge only now: a crash before this point leaves the messages with the broker.
         if client is not None:
@@ -287,6 +299,13 @@ class TwinService:
         due = [d for d in self._dirty if force or now - self._last_published.get(d, 0.0) >= interval]
         if not due:
             return
+        if self.cluster is not None:
+            by_index = self.ingestor.registry.by_index
+            foreign = [d for d in due if not self.cluster.owns(by_index[d].key)]
+            self._dirty.difference_update(foreign)
+            due = [d for d in due if d not in set(foreign)]
+            if not due:
+                return
         rows = self.state.kpi_rows(due)
         for index in due:
             document = self.state.twin_document(index, rows[index], now)
