@@ -237,13 +237,25 @@ class SimulatedPrinter(Unit):
         density = profile.materials.get(material, 1.1)
         self.job_counter += 1
         height = rng.uniform(*profile.build_height_mm)
-        bx, by, _ = self.info.build_volume_mm or profile.build_volume_mm
+        bx, by, bz = self.info.build_volume_mm or profile.build_volume_mm
+        n_parts = rng.randint(*profile.parts)
+        if profile.powder_bed:
+            # Service bureaus stack polymer powder-bed builds (SLS, MJF) most of the chamber high and nest
+            # parts until the used bed is 6-16 % product; metal builds stay low (supports, hours per mm).
+            if self.info.technology != Technology.METAL.value:
+                height = rng.uniform(0.35, 0.95) * bz
+            target_cm3 = bx * by * height / 1000 * rng.uniform(0.06, 0.16)
+            n_parts = 10_000
         parts = []
-        for i in range(rng.randint(*profile.parts)):
+        total_cm3 = 0.0
+        for i in range(n_parts):
+            if profile.powder_bed and total_cm3 >= target_cm3:
+                break
             size_x = rng.uniform(10, bx / (3 if profile.powder_bed else 2.5))
             size_y = rng.uniform(10, by / (3 if profile.powder_bed else 2.5))
-            size_z = rng.uniform(5, height) if (profile.powder_bed or i) else height
+            size_z = rng.uniform(5, min(height, 120)) if (profile.powder_bed or i) else height
             volume_cm3 = size_x * size_y * size_z / 1000 * rng.uniform(0.08, 0.35)
+            total_cm3 += volume_cm3
             parts.append({
                 "part_id": f"{self.info.ref.device}-j{self.job_counter}-p{i + 1}",
                 "bbox_mm": [round(size_x, 2), round(size_y, 2), round(size_z, 2)],
