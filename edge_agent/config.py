@@ -71,7 +71,8 @@ class Section:
         self._read.add(key)
         if key not in self.data or self.data[key] is None:
             if default is _MISSING:
-                raise self.error(key, "required")
+                typo = difflib.get_close_matches(key, [str(k) for k in self.data if k not in self._read], n=1)
+                raise self.error(key, f"required (is {typo[0]!r} a typo?)" if typo else "required")
             return default
         return self.data[key]
 
@@ -208,7 +209,7 @@ def _mqtt(section: Section, base_dir: Path) -> MqttSettings:
     url = section.text("url", "mqtt://127.0.0.1:1883")
     protocol_text = section.raw("protocol", 5)
     protocols = {5: 5, "5": 5, "5.0": 5, 4: 4, "4": 4, "3.1.1": 4, 3.1: 4, "v5": 5, "v311": 4}
-    if protocol_text not in protocols:
+    if not isinstance(protocol_text, int | float | str) or protocol_text not in protocols:  # a list is unhashable
         raise section.error("protocol", f"must be 5 or 3.1.1, not {protocol_text!r}")
     username = section.text("username", None)
     password = section.text("password", None)
