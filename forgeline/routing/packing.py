@@ -29,6 +29,7 @@ Example::
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import permutations
@@ -162,9 +163,9 @@ class Build:
     placements: list[Placement] = field(default_factory=list, init=False)
 
     def __post_init__(self) -> None:
-        if len(self.chamber_mm) != 3 or any(not c > 0 for c in self.chamber_mm):
+        if len(self.chamber_mm) != 3 or any(not (0 < c < math.inf) for c in self.chamber_mm):
             raise ValueError(f"chamber_mm must be three positive numbers, not {self.chamber_mm!r}")
-        if not self.spacing_mm >= 0:
+        if not 0 <= self.spacing_mm < math.inf:
             raise ValueError(f"spacing_mm must be >= 0, not {self.spacing_mm!r}")
         self.chamber_mm = (float(self.chamber_mm[0]), float(self.chamber_mm[1]), float(self.chamber_mm[2]))
         self._bound = np.array(self.chamber_mm, dtype=np.float64) + self.spacing_mm
@@ -226,7 +227,7 @@ class Build:
         if not orientations:
             raise ValueError(f"{item_id}: no orientation given")
         inflated = np.asarray(orientations, dtype=np.float64).reshape(-1, 3) + self.spacing_mm
-        if np.any(inflated <= self.spacing_mm):
+        if not np.all(np.isfinite(inflated)) or np.any(inflated <= self.spacing_mm):
             raise ValueError(f"{item_id}: extents must be positive, not {list(orientations)!r}")
         item_volume = float(np.prod(inflated[0]))
         if self._inflated_volume_mm3 + item_volume > float(np.prod(self._bound)) * (1 + 1e-9):

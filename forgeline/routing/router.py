@@ -143,6 +143,7 @@ class PlannedBuild:
     expected_start_ts: float | None = None
     expected_end_ts: float | None = None  # machine done
     expected_ready_ts: float | None = None  # after cool-down and post-processing
+    dispatch_result: dict[str, Any] | None = None  # the agent's acknowledgement
 
     @property
     def earliest_due_ts(self) -> float | None:
@@ -325,7 +326,9 @@ class Router:
 
     # --- decomposition and checks ----------------------------------------------------------------
 
-    def _check_part(self, unit: Unit) -> tuple[list[Printer], PartProblem | None]:
+    def _check_part(
+        self, unit: Unit, exclude: frozenset[str] = frozenset()
+    ) -> tuple[list[Printer], PartProblem | None]:
         """Printers that may take this part now, or the reason none can."""
         part = unit.part
         if part.material is None:
@@ -348,7 +351,7 @@ class Router:
             chamber = "x".join(f"{v:g}" for v in largest.build_volume_mm)
             return [], PartProblem(part.part_id, f"part {part.part_id!r} ({dims} mm) is larger than every chamber of "
                                    f"the {len(capable)} capable printers (largest {chamber} mm)", "too_large")
-        available = [p for p in fitting if p.unavailable_reason() is None]
+        available = [p for p in fitting if p.unavailable_reason() is None and p.key not in exclude]
         if not available:
             reasons = "; ".join(f"{p.key}: {p.unavailable_reason()}" for p in fitting[:5])
             more = f" and {len(fitting) - 5} more" if len(fitting) > 5 else ""
@@ -359,7 +362,7 @@ class Router:
     # --- scoring -----------------------------------------------------------------------------------
 
     def _score(self, printer: Printer, material: str, units: list[Unit], now: float,
-               cheapest_rate: float, fits_all: bool = False) -> _Choice:
+               fits_all: bool = False) -> _Choice:
         w = self.config.weights
         rule = self.config.release
         open_build = self.open.get((printer.key, material))
@@ -400,28 +403,34 @@ class Router:
         else:
             slack_h = (earliest_due - ready) / HOUR
             due_score = min(1.0, slack_h / self.config.horizon_h) if slack_h >= 0 else -1.0 + slack_h / 24.0
-        machine_h = printer.build_hours(height, volume)
-        rate = printer.cost_per_hour * machine_h / max(volume, 1e-9)
-        cost_score = min(1.0, cheapest_rate / rate) if rate > 0 else 1.0
+        # Machine cost per cm3 of the whole build the parts would be in: joining an open build shares
+        # its setup and height, which is what consolidation saves.
+        build_volume = packed + volume
+        machine_h = printer.build_hours(height, build_volume)
+        rate = printer.cost_per_hour * machine_h / max(build_volume, 1e-9)
         anomaly = (printer.anomaly_score or 0.0) / max(printer.anomaly_threshold, 1e-9)
         components = {
             "fill": fill_score,
             "utilization": 1.0 - utilization,
             "due": due_score,
-            "cost": cost_score,
+            "cost": 1.0,  # relative to the cheapest candidate: set by _with_cost
             "anomaly": anomaly,
         }
         score = (w.fill * fill_score + w.utilization * (1.0 - utilization) + w.due * due_score
-                 + w.cost * cost_score - w.anomaly * anomaly)
+                 - w.anomaly * anomaly)
         notes = {"expected_fill": expected_fill, "open_fill": open_build.build.fill if open_build else None,
                  "open_build": open_build.build_id if open_build else None, "utilization": printer.utilization,
                  "ready_ts": ready, "slack_h": slack_h, "cost_per_cm3": rate, "anomaly_score": printer.anomaly_score}
         return _Choice(printer, score, components, notes)
 
-    def _cost_rate(self, printer: Printer, units: list[Unit]) -> float:
-        volume = sum(u.part.bbox_volume_cm3 for u in units) or 1e-9
-        height = max(min(u.part.bbox_mm) for u in units)
-        return printer.cost_per_hour * printer.build_hours(height, volume) / volume
+    def _with_cost(self, choices: list[_Choice]) -> list[_Choice]:
+        """Add the cost component (cheapest candidate's rate over this one's) and rank, best first."""
+        cheapest = min(c.notes["cost_per_cm3"] for c in choices)
+        for c in choices:
+            rate = c.notes["cost_per_cm3"]
+            c.components["cost"] = min(1.0, cheapest / rate) if rate > 0 else 1.0
+            c.score += self.config.weights.cost * c.components["cost"]
+        return sorted(choices, key=lambda c: (-c.score, c.printer.key))
 
     def _explain(self, choice: _Choice, runner_up: _Choice | None, material: str, technology: str,
                  build: PlannedBuild, fill_before: float) -> str:
@@ -481,7 +490,8 @@ class Router:
         finally:
             self.builds, self.open, self.queues, self.unit_build, self._build_numbers, self.on_release = saved
 
-    def _route_units(self, units: list[Unit], now: float, result: RoutingResult, note: str = "") -> None:
+    def _route_units(self, units: list[Unit], now: float, result: RoutingResult, note: str = "",
+                     exclude: frozenset[str] = frozenset()) -> None:
         groups: dict[tuple[str, tuple[str, ...]], list[Unit]] = {}
         candidates_of: dict[tuple[str, tuple[str, ...]], list[Printer]] = {}
         reported: set[tuple[str, str]] = set()
@@ -489,7 +499,7 @@ class Router:
         for unit in units:
             # Units of one part line share the Part object and so the check.
             if id(unit.part) not in checked:
-                checked[id(unit.part)] = self._check_part(unit)
+                checked[id(unit.part)] = self._check_part(unit, exclude)
             available, problem = checked[id(unit.part)]
             if problem is not None:
                 if (unit.order_id, unit.part.part_id) not in reported:
@@ -516,10 +526,8 @@ class Router:
             pool = [p for p in printers if p.key not in excluded]
             if not pool:
                 break
-            cheapest = min(self._cost_rate(p, remaining) for p in pool)
-            choices = sorted((self._score(p, material, remaining, now, cheapest, fits_all=p.key in everything_fits)
-                              for p in pool),
-                             key=lambda c: (-c.score, c.printer.key))
+            choices = self._with_cost([self._score(p, material, remaining, now, fits_all=p.key in everything_fits)
+                                       for p in pool])
             choice = choices[0]
             runner_up = choices[1] if len(choices) > 1 else None
             printer = choice.printer
@@ -682,6 +690,26 @@ class Router:
             result.touched[planned.build_id] = planned
         self.queues.pop(printer_key, None)
         self._route_units(units, now, result, note=f"re-routed from {printer_key} ({reason})")
+        result.elapsed_s = time.perf_counter() - started
+        return result
+
+    def reroute_build(self, build_id: str, now: float | None = None, reason: str = "build failed") -> RoutingResult:
+        """Re-route the parts of one build (refused or aborted job) to other printers."""
+        started = time.perf_counter()
+        now = time.time() if now is None else now
+        planned = self.builds[build_id]
+        result = RoutingResult(f"reroute:{build_id}")
+        if planned.status in ("done", "failed"):
+            return result
+        planned.status = "failed"
+        planned.release_reason = reason
+        self.open.pop((planned.printer_key, planned.material), None)
+        queue = self.queues.get(planned.printer_key, [])
+        if planned in queue:
+            queue.remove(planned)
+        result.touched[build_id] = planned
+        self._route_units(list(planned.units.values()), now, result, note=f"re-routed from {build_id} ({reason})",
+                          exclude=frozenset({planned.printer_key}))
         result.elapsed_s = time.perf_counter() - started
         return result
 
