@@ -34,11 +34,14 @@ class Verdict(Enum):
 
 @dataclass
 class EpochWindow:
-    """What has been seen of one epoch: everything up to ``watermark`` and the seqs in ``above``."""
+    """What has been seen of one epoch: every seq from ``floor`` up to ``watermark``, the seqs in
+    ``above`` (beyond the watermark) and in ``below`` (older than the first one seen)."""
 
     watermark: int
     highest: int
     above: set[int] = field(default_factory=set)
+    floor: int = 0
+    below: set[int] = field(default_factory=set)
 
 
 @dataclass
@@ -54,6 +57,7 @@ class DeviceSequences:
     missing: int = 0  # batches currently missing inside open gaps
     filled: int = 0  # batches that arrived late inside a gap
     lost: int = 0  # batches given up (gap older than max_pending, or left behind by a new epoch)
+    forgotten: int = 0  # replayed batches older than the first seen, dropped from memory (bounded)
 
     def admit(self, epoch: int, seq: int) -> Verdict:
         """Record batch (epoch, seq) and say whether it is new."""
@@ -62,8 +66,9 @@ class DeviceSequences:
             if self.epochs and epoch < min(self.epochs) and len(self.epochs) >= self.max_epochs:
                 return Verdict.STALE_EPOCH
             # The first batch seen of an epoch starts it: nothing before it counts as missing,
-            # because the twin may simply have started after the agent.
-            window = EpochWindow(watermark=seq - 1, highest=seq - 1)
+            # because the twin may simply have started after the agent. Older batches (the agent
+            # replaying its spool) are still new to the twin: ``below`` remembers them.
+            window = EpochWindow(watermark=seq - 1, highest=seq - 1, floor=seq)
             self.epochs[epoch] = window
             if self.current_epoch is None or epoch > self.current_epoch:
                 self.current_epoch = epoch
@@ -75,6 +80,16 @@ class DeviceSequences:
                 self.missing -= still_missing
         if seq == window.watermark + 1 and not window.above:  # the common case: in order
             window.watermark = window.highest = seq
+            return Verdict.NEW
+        if seq < window.floor:
+            if seq in window.below:
+                self.duplicates += 1
+                return Verdict.DUPLICATE
+            window.below.add(seq)
+            if len(window.below) > self.max_pending:
+                # bounded memory: the oldest is forgotten (a second replay of it would count again)
+                window.below.discard(min(window.below))
+                self.forgotten += 1
             return Verdict.NEW
         if seq <= window.watermark or seq in window.above:
             self.duplicates += 1
@@ -114,25 +129,28 @@ class DeviceSequences:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "epochs": {str(e): [w.watermark, w.highest, sorted(w.above)] for e, w in self.epochs.items()},
+            "epochs": {str(e): [w.watermark, w.highest, sorted(w.above), w.floor, sorted(w.below)]
+                       for e, w in self.epochs.items()},
             "current_epoch": self.current_epoch,
-            "counters": [self.duplicates, self.gaps, self.missing, self.filled, self.lost],
+            "counters": [self.duplicates, self.gaps, self.missing, self.filled, self.lost, self.forgotten],
         }
 
     @classmethod
     def from_json(cls, doc: dict[str, Any], max_pending: int = 4096) -> DeviceSequences:
         tracker = cls(max_pending=max_pending)
         tracker.epochs = {
-            int(e): EpochWindow(int(w[0]), int(w[1]), {int(s) for s in w[2]}) for e, w in doc["epochs"].items()
+            int(e): EpochWindow(int(w[0]), int(w[1]), {int(s) for s in w[2]}, int(w[3]), {int(s) for s in w[4]})
+            for e, w in doc["epochs"].items()
         }
         tracker.current_epoch = doc["current_epoch"]
-        tracker.duplicates, tracker.gaps, tracker.missing, tracker.filled, tracker.lost = doc["counters"]
+        (tracker.duplicates, tracker.gaps, tracker.missing, tracker.filled, tracker.lost,
+         tracker.forgotten) = doc["counters"]
         return tracker
 
     @classmethod
     def resume(cls, epoch: int, last_seq: int, max_pending: int = 4096) -> DeviceSequences:
         """A tracker that has seen every batch of ``epoch`` up to ``last_seq`` (taking a device over)."""
         tracker = cls(max_pending=max_pending)
-        tracker.epochs[epoch] = EpochWindow(last_seq, last_seq)
+        tracker.epochs[epoch] = EpochWindow(last_seq, last_seq, floor=0)
         tracker.current_epoch = epoch
         return tracker
