@@ -636,7 +636,7 @@ class OvenLine:
 
     def __init__(self, ref: DeviceRef, product_model: str, product_revision: str, station_names: Sequence[str],
                  seed: int, injector: AnomalyInjector | None, effects: Mapping[str, RevisionEffects],
-                 rate_hz: float, serial_prefix: str) -> None:
+                 rate_hz: float, serial_prefix: str, speed: float = 1.0) -> None:
         self.product_model = product_model
         self.product_revision = product_revision
         self.effects = dict(effects)
@@ -651,7 +651,9 @@ class OvenLine:
             info = DeviceInfo(
                 DeviceRef(ref.tenant, ref.site, ref.area, name), Technology.LINE.value, channels,
                 vendor="forgeline-sim", model=f"{name} station", product_model=product_model,
-                product_revision=product_revision, planned_cycle_time_s=cycle_s, rate_hz=rate_hz,
+                # Samples carry wall-clock time while the process runs `speed` times faster, so the planned
+                # cycle time on that timeline is cycle_s / speed (else effectiveness reads `speed` × too high).
+                product_revision=product_revision, planned_cycle_time_s=cycle_s / speed, rate_hz=rate_hz,
                 labels={"station": name},
             )
             self.stations.append(Station(info, name, self, seed))
@@ -754,7 +756,8 @@ class SimulatorSource(Source):
         for line_spec in fleet.lines:
             ref = DeviceRef(line_spec.tenant or fleet.tenant, line_spec.site or fleet.site, line_spec.area, "line")
             line = OvenLine(ref, line_spec.product_model, line_spec.product_revision, line_spec.stations, seed,
-                            self.injector, line_spec.effects, rate_hz, f"{line_spec.product_model}-{seed}-")
+                            self.injector, line_spec.effects, rate_hz, f"{line_spec.product_model}-{seed}-",
+                            speed=self.speed)
             for station in line.stations:
                 self.lines[station.info.key] = line
                 self.units.append(station)
