@@ -1,0 +1,166 @@
+"""Property-based fuzzing of the twin's config loader: whatever the file holds, loading returns a
+config or raises ConfigError with a reason, never anything else, in bounded time; and a password in
+the file never appears in an error message or a repr."""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from twin.config import ConfigError as TwinConfigError
+from twin.config import TwinConfig
+
+TWIN_EXAMPLE: dict[str, Any] = {
+    "broker": "mqtts://127.0.0.1:8883", "mqtt": {"username": "_twin", "password": "pw"}, "share_group": "twin",
+    "tenants": ["factory-a"], "publish_interval_s": 1.0, "core": {"max_devices": 64},
+    "snapshot": {"interval_s": 30}, "metrics": {"host": "127.0.0.1", "port": 9100},
+}
+FUZZ = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SECRET = "s3cr3t-Marker-7f1c"
+
+# Keys the loader knows, so generated documents get past the first "unknown key" check.
+TWIN_KEYS = ["broker", "mqtt", "worker_id", "share_group", "tenants", "publish_interval_s", "fleet_interval_s",
+             "max_clock_skew_s", "max_queue", "core", "snapshot", "metrics", "influx", "max_devices", "dir",
+             "interval_s", "host", "port", "username", "password", "url", "token", "bucket", "org"]
+
+scalars = (st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=16)
+           | st.sampled_from(["mqtt://127.0.0.1:1883", "simulator", "FDM", "acme", "5", "3.1.1", ":memory:"]))
+
+
+def documents(keys: list[str]) -> st.SearchStrategy[Any]:
+    key = st.sampled_from(keys) | st.text(max_size=8)
+    return st.recursive(scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(key, inner, max_size=6),
+                        max_leaves=25)
+
+
+def _twin(doc: Any) -> Any:
+    try:
+        return TwinConfig.from_dict(doc)
+    except TwinConfigError as exc:
+        assert str(exc)
+        return exc
+
+
+def _paths(doc: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    out = [prefix]
+    if isinstance(doc, dict):
+        for k, v in doc.items():
+            out += _paths(v, (*prefix, k))
+    elif isinstance(doc, list):
+        for i, v in enumerate(doc):
+            out += _paths(v, (*prefix, i))
+    return out
+
+
+def _mutate(doc: Any, data: st.DataObject, keys: list[str]) -> Any:
+    """Replace, delete or add one node of a valid document."""
+    doc = copy.deepcopy(doc)
+    path = data.draw(st.sampled_from(_paths(doc)))
+    if not path:
+        return data.draw(documents(keys))
+    parent = doc
+    for step in path[:-1]:
+        parent = parent[step]
+    how = data.draw(st.sampled_from(["replace", "delete", "add"]))
+    if how == "replace":
+        parent[path[-1]] = data.draw(documents(keys))
+    elif how == "delete":
+        del parent[path[-1]]
+    elif isinstance(parent, dict):
+        parent[data.draw(st.text(min_size=1, max_size=8))] = data.draw(scalars)
+    else:
+        parent.append(data.draw(documents(keys)))
+    return doc
+
+
+# --- the twin -------------------------------------------------------------------------------------
+
+
+@FUZZ
+@given(documents(TWIN_KEYS))
+def test_twin_config_documents(doc: Any) -> None:
+    _twin(doc)
+
+
+@FUZZ
+@given(st.data())
+def test_twin_config_mutated_example(data: st.DataObject) -> None:
+    _twin(_mutate(TWIN_EXAMPLE, data, TWIN_KEYS))
+
+
+def test_twin_example_is_valid() -> None:
+    assert isinstance(TwinConfig.from_dict(TWIN_EXAMPLE), TwinConfig)
+
+
+@pytest.mark.xfail(strict=True, reason="gap in twin/config.py (reported): TwinConfig.load lets UnicodeDecodeError "
+                   "escape for a file that is not UTF-8; remove this mark when it raises ConfigError")
+@FUZZ
+@given(st.binary(max_size=300), st.sampled_from([".yaml", ".json"]))
+def test_twin_config_file_bytes(tmp_path_factory: pytest.TempPathFactory, raw: bytes, suffix: str) -> None:
+    path = tmp_path_factory.mktemp("twin-config") / f"twin{suffix}"
+    path.write_bytes(raw)
+    try:
+        TwinConfig.load(path)
+    except TwinConfigError as exc:
+        assert str(exc)
+
+
+# --- hostile files: deep nesting, alias bombs ----------------------------------------------------
+
+DEEP = {"yaml-flow": "[" * 2000 + "]" * 2000, "json": "[" * 20_000 + "]" * 20_000,
+        "yaml-block": "".join("  " * i + "- \n" for i in range(2000))}
+BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{n}: &{n} [{', '.join(['*' + p] * 9)}]\n" for p, n in zip("abcdefgh", "bcdefghi", strict=True)
+) + "sources: *i\nmqtt: *i\n"
+
+
+@pytest.mark.parametrize("name", sorted(DEEP))
+@pytest.mark.parametrize("suffix", [".yaml", ".json"])
+def test_twin_config_deep_nesting_is_a_config_error(tmp_path: Path, name: str, suffix: str) -> None:
+    path = tmp_path / f"twin{suffix}"
+    path.write_text(DEEP[name])
+    start = time.perf_counter()
+    with pytest.raises(TwinConfigError):
+        TwinConfig.load(path)
+    assert time.perf_counter() - start < 10
+
+
+def test_yaml_alias_bomb_is_bounded(tmp_path: Path) -> None:
+    """9^9 references: the loaders must not expand them (time and memory stay small)."""
+    start = time.perf_counter()
+    path = tmp_path / "twin.yaml"
+    path.write_text(BOMB.replace("sources: *i\nmqtt: *i\n", "tenants: *i\n"))
+    with pytest.raises(TwinConfigError):
+        TwinConfig.load(path)
+    assert time.perf_counter() - start < 10
+
+
+# --- secrets --------------------------------------------------------------------------------------
+
+BAD_PASSWORDS = [12345678901234567, [SECRET], {"value": SECRET}, 1.5, True]
+
+
+@pytest.mark.parametrize("password", BAD_PASSWORDS, ids=lambda p: type(p).__name__)
+def test_twin_config_errors_never_echo_a_password(password: Any) -> None:
+    doc = {**TWIN_EXAMPLE, "mqtt": {"username": "_twin", "password": password}, "max_queue": -1}
+    try:
+        TwinConfig.from_dict(doc)
+    except TwinConfigError as exc:
+        assert SECRET not in str(exc) and str(password) not in str(exc), exc
+
+
+@pytest.mark.xfail(strict=True, reason="gap in twin/config.py (reported): TwinConfig's repr shows mqtt={'password': "
+                   "...}; remove this mark when its repr hides the password")
+def test_twin_config_repr_hides_secrets() -> None:
+    doc = {**TWIN_EXAMPLE, "mqtt": {"username": "_twin", "password": SECRET}}
+    config = TwinConfig.from_dict(doc)
+    assert config.mqtt_settings.password == SECRET
+    assert SECRET not in repr(config) and SECRET not in str(config)
+    assert SECRET not in json.dumps(repr(config.mqtt_settings))
