@@ -304,6 +304,8 @@ class Router:
         self.queues: dict[str, list[PlannedBuild]] = {}  # printer key -> released, not finished
         self.unit_build: dict[tuple[str, str], str] = {}  # (order_id, unit_id) -> build_id
         self._build_numbers = itertools.count(1)
+        self.suspended: dict[str, tuple[float, str]] = {}  # printer key -> (until, why)
+        self._now = 0.0  # the time of the routing call in progress
 
     # --- helpers -----------------------------------------------------------------------------------
 
@@ -351,13 +353,27 @@ class Router:
             chamber = "x".join(f"{v:g}" for v in largest.build_volume_mm)
             return [], PartProblem(part.part_id, f"part {part.part_id!r} ({dims} mm) is larger than every chamber of "
                                    f"the {len(capable)} capable printers (largest {chamber} mm)", "too_large")
-        available = [p for p in fitting if p.unavailable_reason() is None and p.key not in exclude]
+        available = [p for p in fitting if self.unavailable_reason(p) is None and p.key not in exclude]
         if not available:
-            reasons = "; ".join(f"{p.key}: {p.unavailable_reason()}" for p in fitting[:5])
+            reasons = "; ".join(f"{p.key}: {self.unavailable_reason(p) or 'excluded'}" for p in fitting[:5])
             more = f" and {len(fitting) - 5} more" if len(fitting) > 5 else ""
             return [], PartProblem(part.part_id, f"part {part.part_id!r}: no capable printer is available ({reasons}"
                                    f"{more})", "no_printer_available")
         return available, None
+
+    def unavailable_reason(self, printer: Printer) -> str | None:
+        """The printer's own reason (offline, error, anomaly) or a suspension after a refused job."""
+        reason = printer.unavailable_reason()
+        if reason is None and printer.key in self.suspended:
+            until, why = self.suspended[printer.key]
+            if self._now < until:
+                return f"suspended until {_fmt_ts(until)}: {why}"
+            del self.suspended[printer.key]
+        return reason
+
+    def suspend(self, printer_key: str, until_ts: float, why: str) -> None:
+        """Keep a printer out of routing until ``until_ts`` (its agent refused a job)."""
+        self.suspended[printer_key] = (until_ts, why)
 
     # --- scoring -----------------------------------------------------------------------------------
 
@@ -470,12 +486,15 @@ class Router:
         result = RoutingResult(order.order_id, rejected=list(order.problems))
         result.released += self.tick(now)
         self._route_units(list(order.units()), now, result)
+        self._release_unless_kept_open(result, now)
+        result.elapsed_s = time.perf_counter() - started
+        return result
+
+    def _release_unless_kept_open(self, result: RoutingResult, now: float) -> None:
         if not self.config.keep_open:
             for planned in list(result.touched.values()):
                 if planned.status == "open":
                     self._release(planned, now, "consolidation off: released at once", result)
-        result.elapsed_s = time.perf_counter() - started
-        return result
 
     def _dry_run(self, order: Order, now: float | None) -> RoutingResult:
         saved = (self.builds, self.open, self.queues, self.unit_build, self._build_numbers, self.on_release)
@@ -492,6 +511,7 @@ class Router:
 
     def _route_units(self, units: list[Unit], now: float, result: RoutingResult, note: str = "",
                      exclude: frozenset[str] = frozenset()) -> None:
+        self._now = now
         groups: dict[tuple[str, tuple[str, ...]], list[Unit]] = {}
         candidates_of: dict[tuple[str, tuple[str, ...]], list[Printer]] = {}
         reported: set[tuple[str, str]] = set()
@@ -690,6 +710,7 @@ class Router:
             result.touched[planned.build_id] = planned
         self.queues.pop(printer_key, None)
         self._route_units(units, now, result, note=f"re-routed from {printer_key} ({reason})")
+        self._release_unless_kept_open(result, now)
         result.elapsed_s = time.perf_counter() - started
         return result
 
@@ -710,6 +731,7 @@ class Router:
         result.touched[build_id] = planned
         self._route_units(list(planned.units.values()), now, result, note=f"re-routed from {build_id} ({reason})",
                           exclude=frozenset({planned.printer_key}))
+        self._release_unless_kept_open(result, now)
         result.elapsed_s = time.perf_counter() - started
         return result
 

@@ -93,6 +93,7 @@ class RoutingService:
     dispatch_timeout_s: float = 10.0
     dispatch_attempts: int = 3
     tick_s: float = 30.0
+    suspend_after_refusal_s: float = 900.0  # a printer whose agent refused a job gets none for this long
     client_id: str | None = None
     on_result: Callable[[RoutingResult], None] | None = None  # every routing and re-routing result
     on_build: Callable[[PlannedBuild], None] | None = None  # every build state change (released, acked, ...)
@@ -334,7 +335,10 @@ class RoutingService:
             if self.on_build is not None:
                 self.on_build(planned)
         else:
-            self._dispatch_failed(planned, f"agent refused the job: {response.get('error', 'no reason')}")
+            why = f"agent refused the job: {response.get('error', 'no reason')}"
+            # The same agent would refuse the same kind of job again (material not loaded, full queue).
+            self.router.suspend(planned.printer_key, time.time() + self.suspend_after_refusal_s, why)
+            self._dispatch_failed(planned, why)
 
     def _dispatch_failed(self, planned: PlannedBuild, reason: str) -> None:
         self.counters.dispatch_failures += 1

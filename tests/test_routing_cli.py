@@ -1,0 +1,72 @@
+"""``forgeline route``: a fleet file, the live twin over a real Mosquitto, bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from forgeline.broker import RunningBroker
+from forgeline.cli import main
+from forgeline.contract import schemas
+from forgeline.contract.topics import DeviceRef
+from forgeline.mqtt import MqttSettings, connect
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "docs" / "examples"
+NOW = "1767225600"
+
+
+def test_route_example_order_against_the_example_fleet(capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["route", str(EXAMPLES / "order.json"), "--fleet", str(EXAMPLES / "fleet.json"), "--now", NOW])
+    document = json.loads(capsys.readouterr().out)
+    schemas.validate("routing_response", {"correlation_id": "cli", "ok": True, **document})
+    assert code == 1  # some parts are rejected, on purpose
+    assert {r["part_id"]: r["code"] for r in document["rejected"]} == {
+        "too-big": "too_large", "mystery": "unknown_material", "negative": "invalid"}
+    assert sum(1 for a in document["assignments"] if a["part_id"] == "bracket-a") == 24
+    assert all(a["explanation"] for a in document["assignments"])
+    assert document["objective"]["weights"]["fill"] > 0
+
+
+def test_summary_and_release_all(capsys: pytest.CaptureFixture[str]) -> None:
+    main(["route", str(EXAMPLES / "order.json"), "--fleet", str(EXAMPLES / "fleet.json"), "--now", NOW,
+          "--release-all", "--summary"])
+    out = capsys.readouterr().out
+    assert "released on request" in out and "REJECTED too-big" in out
+
+
+def test_bad_files_are_clear_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "order.json"
+    bad.write_text('{"order_id": "o 1", "parts": []}')
+    assert main(["route", str(bad), "--fleet", str(EXAMPLES / "fleet.json")]) == 2
+    assert "order_id" in capsys.readouterr().err
+    fleet = tmp_path / "fleet.json"
+    fleet.write_text('{"printers": [{"device": "acme/s/a/p1", "technology": "MJF", "build_volume_mm": [1, -1, 1]}]}')
+    assert main(["route", str(EXAMPLES / "order.json"), "--fleet", str(fleet)]) == 2
+    assert "build_volume_mm" in capsys.readouterr().err
+
+
+def test_route_against_the_live_twin(fresh_mosquitto: RunningBroker, capsys: pytest.CaptureFixture[str]) -> None:
+    settings = MqttSettings(host=fresh_mosquitto.host, port=fresh_mosquitto.port,
+                            protocol=5 if fresh_mosquitto.mqtt5 else 4)
+    client = connect(settings)
+    good, broken = DeviceRef("acme", "s1", "h1", "mjf-1"), DeviceRef("acme", "s1", "h1", "mjf-2")
+    for ref, state in ((good, "idle"), (broken, "error")):
+        birth = {"status": "online", "ts": 1.0, "technology": "MJF", "channels": [], "materials": ["PA12"],
+                 "build_volume_mm": [380, 284, 380], "part_spacing_mm": 3, "cost_per_hour": 30}
+        twin = {"device": {"tenant": "acme", "site": "s1", "area": "h1", "device": ref.device}, "ts": 1.0,
+                "online": True, "state": state, "kpis": {"utilization": 0.4, "anomaly_score": 0.1}}
+        client.publish(ref.status_topic, schemas.dumps(birth), qos=1, retain=True).wait_for_publish(5)
+        client.publish(ref.twin_topic, schemas.dumps(twin), qos=1, retain=True).wait_for_publish(5)
+    client.publish("fl/v1/acme/twin/s1/h1/junk", b"{not json", qos=1, retain=True).wait_for_publish(5)
+    client.disconnect()
+    client.loop_stop()
+    url = f"mqtt://{fresh_mosquitto.host}:{fresh_mosquitto.port}"
+    code = main(["route", str(EXAMPLES / "order.json"), "--broker", url, "--wait", "1", "--now", NOW])
+    captured = capsys.readouterr()
+    document = json.loads(captured.out)
+    assert {a["printer"] for a in document["assignments"]} == {good.key}
+    assert code == 1 and "ignoring fl/v1/acme/twin/s1/h1/junk" in captured.err
+    reasons = {r["part_id"]: r["reason"] for r in document["rejected"]}
+    assert "no printer runs Standard-Resin" in reasons["lens-holder"]
