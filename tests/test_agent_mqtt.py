@@ -271,3 +271,38 @@ def test_line_revision_change_by_command(
         return seen == topics_
 
     collector.wait_for(announced)
+
+
+def test_spool_overflow_is_counted_and_reported_as_an_alarm(
+    mqtt_settings: MqttSettings, collect: Callable[..., Collector], tenant: str, tmp_path: Path
+) -> None:
+    from forgeline.broker import free_port
+
+    ref = DeviceRef(tenant, "s", "a", "overflow")
+    spool = SpoolSettings(str(tmp_path / "spool.db"), max_bytes=60_000, overflow="drop_oldest")
+    dead = MqttSettings(host="127.0.0.1", port=free_port())  # the broker is away: everything is spooled
+    source = CounterSource(ref, per_tick=200, tick_s=0.001, total=20_000)
+    offline = Agent(dead, [source], spool=spool, batch=BatchSettings(500, 0.1)).start()
+    assert source.done.wait(20)
+    time.sleep(1.5)  # the drop report runs once a second
+    offline.stop(drain_timeout_s=0)
+    stats = offline.spool.stats()
+    assert stats["dropped_batches"] > 0 and stats["queued_bytes"] <= 60_000
+    collector = collect(f"fl/v1/{tenant}/#")
+    online = Agent(mqtt_settings, [CounterSource(ref, total=0)], spool=spool, batch=BatchSettings(500, 0.1)).start()
+    try:
+        collector.wait_for(lambda ms: any(b"spool overflow" in m.payload for m in ms) and
+                           sum(1 for m in ms if m.topic == ref.telemetry_topic) >= 1)
+        assert online.publisher.wait_idle(10)
+    finally:
+        online.stop()
+    alarm = next(json.loads(m.payload) for m in collector.messages if b"spool overflow" in m.payload)
+    schemas.validate("event", alarm)
+    assert alarm["type"] == "alarm" and alarm["spool_dropped_samples"] == stats["dropped_samples"]
+    log = telemetry_by_device(collector.messages)[ref.key]
+    values = counter_values(log)
+    # What survived is the newest data, complete and in order; the twin sees the dropped seqs as a gap.
+    assert values == [float(i) for i in range(20_000 - len(values), 20_000)]
+    assert len(values) + stats["dropped_samples"] == 20_000
+    seqs = log.seqs(offline.spool.epoch)
+    assert seqs == list(range(seqs[0], 40)) and seqs[0] == stats["dropped_batches"]
