@@ -88,10 +88,7 @@ def broker_dir(tmp_path: Path) -> Iterator[dict[str, Any]]:
     state: dict[str, Any] = {"port": free_port(), "dir": tmp_path / "broker", "broker": None}
 
     def start() -> RunningBroker:
-        state["broker"] = start_mosquitto(state["port"], workdir=state["dir"], persistence=True,
-                                          # as root Mosquitto would switch to its own user, which
-                                          # cannot write the persistence file in the test's private dir
-                                          extra=["user root"] if os.geteuid() == 0 else [])
+        state["broker"] = start_mosquitto(state["port"], workdir=state["dir"], persistence=True)
         return state["broker"]
 
     state["start"] = start
