@@ -41,6 +41,10 @@ def secure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureBroker]:
 
 @pytest.fixture(scope="module")
 def twin(secure: SecureBroker) -> Iterator[TwinService]:
+    import twin.metrics
+
+    patch = pytest.MonkeyPatch()
+    patch.setattr(twin.metrics, "CLIENT_TIMEOUT_S", 1.0)  # so the idle-client test is quick
     settings = secure.settings("_twin")
     config = TwinConfig(
         broker=secure.url,
@@ -52,6 +56,7 @@ def twin(secure: SecureBroker) -> Iterator[TwinService]:
     service = TwinService(config).start()
     yield service
     service.stop(snapshot=False)
+    patch.undo()
 
 
 def _publish(p: Probe, topic: str, payload: bytes | dict[str, Any], retain: bool = False) -> Any:
@@ -188,3 +193,12 @@ def test_slow_clients_of_the_metrics_endpoint_do_not_stall_it(twin: TwinService)
         stop.set()
         for t in threads:
             t.join(5)
+
+
+def test_idle_clients_of_the_metrics_endpoint_are_disconnected(twin: TwinService) -> None:
+    """A connection that sends nothing does not hold a server thread for ever."""
+    with socket.create_connection(("127.0.0.1", twin.metrics.port), timeout=10) as sock:
+        sock.sendall(b"GET /metr")  # and then nothing
+        start = time.monotonic()
+        assert sock.recv(100) == b""  # closed by the server
+        assert time.monotonic() - start < 5

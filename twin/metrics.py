@@ -39,6 +39,9 @@ if TYPE_CHECKING:
     from twin.service import TwinService
 
 STALL_S = 30.0  # the ingest thread must have run a cycle within this long to be healthy
+# A client that sends nothing (or trickles a request) for this long is disconnected, so slow or idle
+# connections cannot pile up threads of the metrics server.
+CLIENT_TIMEOUT_S = 10.0
 
 
 class TwinCollector(Collector):
@@ -115,6 +118,8 @@ class MetricsServer:
         registry = self.registry
 
         class Handler(BaseHTTPRequestHandler):
+            timeout = CLIENT_TIMEOUT_S
+
             def do_GET(self) -> None:
                 if self.path.startswith("/metrics"):
                     body, status, kind = generate_latest(registry), 200, "text/plain; version=0.0.4"
