@@ -134,3 +134,16 @@ def test_dense_instance_fills_well() -> None:
     builds, _ = pack_first_fit(items, (200, 200, 100), 2.0)
     assert check_build(builds[0]) == []
     assert builds[0].fill > 0.6
+
+
+def test_height_limit_keeps_builds_short_and_can_be_lifted() -> None:
+    build = Build((100, 100, 100))
+    build.limit_height(30)
+    assert build.add("tall", [(20, 20, 40)]) is None
+    assert build.add("low", [(20, 20, 30)]) is not None
+    assert build.add("tall2", _orientations((20, 20, 40), False)) is None
+    build.limit_height(None)
+    assert build.add("tall", [(20, 20, 40)]) is not None  # a part that failed under the limit fits now
+    build.limit_height(5)  # never below what is placed
+    assert build.height_limit_mm == pytest.approx(40)
+    assert check_build(build) == []

@@ -214,3 +214,21 @@ def test_order_document_round_trip() -> None:
     the_order = generate_order(40, seed=9, now=NOW)
     again = parse_order(order_document(the_order))
     assert again.parts == the_order.parts and not again.problems
+
+
+def test_tight_due_dates_keep_powder_builds_short() -> None:
+    # 600 brackets fill tall builds; with one day to go they are spread into builds short enough to make it.
+    fleet = fleet_of(*[mjf(f"m{i}") for i in range(6)])
+    tight = Router(fleet).route(order(bracket(quantity=600), due=NOW + 1 * DAY), NOW)
+    relaxed = Router(fleet).route(order(bracket(quantity=600), due=NOW + 30 * DAY), NOW)
+    tight_builds = [b for b in tight.touched.values()]
+    assert max(b.build.height_mm for b in tight_builds) < max(b.build.height_mm for b in relaxed.touched.values())
+    assert all(a["on_time"] for a in tight.document()["assignments"])
+
+
+def test_impossible_due_dates_still_route_as_early_as_possible() -> None:
+    fleet = fleet_of(mjf("m1"), mjf("m2", busy_until_ts=NOW + 5 * DAY))
+    result = Router(fleet).route(order(bracket(quantity=5), due=NOW + 3600), NOW)
+    assert not result.rejected and {a.printer for a in result.assignments} == {mjf("m1").key}
+    assert all(a["on_time"] is False for a in result.document()["assignments"])
+    assert "late for its due date" in result.assignments[0].explanation

@@ -169,6 +169,7 @@ class Build:
             raise ValueError(f"spacing_mm must be >= 0, not {self.spacing_mm!r}")
         self.chamber_mm = (float(self.chamber_mm[0]), float(self.chamber_mm[1]), float(self.chamber_mm[2]))
         self._bound = np.array(self.chamber_mm, dtype=np.float64) + self.spacing_mm
+        self._chamber_bound = self._bound.copy()  # _bound may be lowered in z by limit_height()
         self._lower_buffer = np.empty((16, 3))
         self._upper_buffer = np.empty((16, 3))
         self._lower = self._lower_buffer[:0]
@@ -220,6 +221,19 @@ class Build:
     def __len__(self) -> int:
         return len(self.placements)
 
+    @property
+    def height_limit_mm(self) -> float:
+        return float(self._bound[2]) - self.spacing_mm
+
+    def limit_height(self, height_mm: float | None) -> None:
+        """Accept parts only up to ``height_mm`` (None: the whole chamber); never below the parts
+        already placed. Routing uses it to keep a build short enough to meet its due dates."""
+        limit = self.chamber_mm[2] if height_mm is None else min(self.chamber_mm[2], max(height_mm, self._height))
+        if limit > self.height_limit_mm:
+            self._failed.clear()  # parts that did not fit under the lower limit may fit now
+        self._bound = self._bound.copy()
+        self._bound[2] = limit + self.spacing_mm
+
     # --- adding ----------------------------------------------------------------------------------
 
     def add(self, item_id: str, orientations: Sequence[Vec3]) -> Placement | None:
@@ -230,7 +244,7 @@ class Build:
         if not np.all(np.isfinite(inflated)) or np.any(inflated <= self.spacing_mm):
             raise ValueError(f"{item_id}: extents must be positive, not {list(orientations)!r}")
         item_volume = float(np.prod(inflated[0]))
-        if self._inflated_volume_mm3 + item_volume > float(np.prod(self._bound)) * (1 + 1e-9):
+        if self._inflated_volume_mm3 + item_volume > self._bound_volume() * (1 + 1e-9):
             return None
         sorted_dims = tuple(sorted(orientations[0]))
         # With every orientation allowed, a part at least as large as one that failed fails too.
@@ -256,6 +270,9 @@ class Build:
         self._height = max(self._height, placement.top_mm)
         return placement
 
+    def _bound_volume(self) -> float:
+        return float(self._bound[0] * self._bound[1] * self._bound[2])
+
     def _place(self, corner: Array, extent: Array) -> None:
         far = corner + extent
         count = len(self._lower)
@@ -279,7 +296,7 @@ class Build:
         # checked against the older boxes already, so they are checked against the new box only.
         old = self._points
         kept = old[~_inside(old, corner[None, :], far[None, :])]
-        edge = self._bound - EPS
+        edge = self._chamber_bound - EPS
         fresh = fresh[~_inside(fresh, self._lower, self._upper)
                       & (fresh[:, 0] < edge[0]) & (fresh[:, 1] < edge[1]) & (fresh[:, 2] < edge[2])]
         if len(fresh) and len(kept):

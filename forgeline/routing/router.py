@@ -65,6 +65,9 @@ class ReleaseRule:
     plate_fill: float = 0.55  # plate processes: plate area covered
     due_margin_h: float = 2.0  # release this long before the latest start that meets the earliest due date
     max_hold_h: float = 24.0  # never hold a build open longer than this
+    # Plate processes (SLA, DLP, FDM) start a plate when the printer has nothing else to do: an idle
+    # printer waiting for fill earns nothing. Release after this long open on an idle printer.
+    idle_plate_release_h: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -306,6 +309,7 @@ class Router:
         self._build_numbers = itertools.count(1)
         self.suspended: dict[str, tuple[float, str]] = {}  # printer key -> (until, why)
         self._now = 0.0  # the time of the routing call in progress
+        self.limit_heights = True  # cap build heights to meet due dates (off for the late fallback pass)
 
     # --- helpers -----------------------------------------------------------------------------------
 
@@ -407,18 +411,25 @@ class Router:
             height = min(z, max(max(min_dims), (packed * 1000 + inflated * 1000) / (x * y * 0.5)))
         else:
             height = min(z, max(u.part.bbox_mm[2] for u in fitting) if fitting else 0.0)
-        start = self.free_ts(printer, now)
-        ready = self._ready_after(printer, start, height, volume)
         dues = [u.due_ts for u in fitting if u.due_ts is not None]
         if open_build is not None and open_build.earliest_due_ts is not None:
             dues.append(open_build.earliest_due_ts)
         earliest_due = min(dues) if dues else None
+        if self.limit_heights:
+            # the router keeps the build short enough for the due date where it can (see _route_group)
+            cap = self._due_height_mm(printer, earliest_due, now)
+            if cap is not None:
+                floor = open_build.build.height_mm if open_build else max(min_dims)
+                height = min(height, max(cap, floor))
+        start = self.free_ts(printer, now)
+        ready = self._ready_after(printer, start, height, volume)
         if earliest_due is None:
             due_score = 1.0
             slack_h = None
         else:
             slack_h = (earliest_due - ready) / HOUR
-            due_score = min(1.0, slack_h / self.config.horizon_h) if slack_h >= 0 else -1.0 + slack_h / 24.0
+            # Late is much worse than tight: every 6 h late costs as much as the whole due range.
+            due_score = min(1.0, slack_h / self.config.horizon_h) if slack_h >= 0 else -1.0 + slack_h / 6.0
         # Machine cost per cm3 of the whole build the parts would be in: joining an open build shares
         # its setup and height, which is what consolidation saves.
         build_volume = packed + volume
@@ -438,6 +449,15 @@ class Router:
                  "open_build": open_build.build_id if open_build else None, "utilization": printer.utilization,
                  "ready_ts": ready, "slack_h": slack_h, "cost_per_cm3": rate, "anomaly_score": printer.anomaly_score}
         return _Choice(printer, score, components, notes)
+
+    def _due_height_mm(self, printer: Printer, due_ts: float | None, now: float) -> float | None:
+        """The tallest build that still makes ``due_ts`` on this printer after its queue (None: no limit)."""
+        if due_ts is None:
+            return None
+        rates = printer.process
+        hours = (due_ts - self.free_ts(printer, now)) / HOUR
+        hours -= rates.setup_h + rates.cooldown_h + rates.post_processing_h + self.config.release.due_margin_h
+        return max(0.0, hours * rates.z_mm_per_h)
 
     def _with_cost(self, choices: list[_Choice]) -> list[_Choice]:
         """Add the cost component (cheapest candidate's rate over this one's) and rank, best first."""
@@ -556,14 +576,29 @@ class Router:
             if planned is None:
                 planned = self._open_build(printer, material, now)
             fill_before = planned.build.fill
+            dues = [u.due_ts for u in remaining if u.due_ts is not None]
+            if planned.earliest_due_ts is not None:
+                dues.append(planned.earliest_due_ts)
+            height_cap = self._due_height_mm(printer, min(dues) if dues else None, now) if self.limit_heights else None
+            planned.build.limit_height(height_cap)
+            # Where time adds by volume (FDM), the due date also bounds the build's volume.
+            volume_budget = math.inf
+            rate = printer.process.volume_cm3_per_h
+            if height_cap is not None and rate > 0:
+                volume_budget = height_cap / printer.process.z_mm_per_h * rate
+            volume = planned.volume_cm3
             placed: list[Unit] = []
             left: list[Unit] = []
             for unit in remaining:
+                if volume + unit.part.volume_cm3 > volume_budget:
+                    left.append(unit)
+                    continue
                 placement = planned.build.add(f"{unit.order_id}.{unit.unit_id}", unit.part.orientations())
                 if placement is None:
                     left.append(unit)
                     continue
                 placed.append(unit)
+                volume += unit.part.volume_cm3
                 planned.units[placement.item_id] = unit
                 self.unit_build[(unit.order_id, unit.unit_id)] = planned.build_id
             if placed:
@@ -596,6 +631,14 @@ class Router:
                 if reason is not None:
                     self._release(planned, now, reason, result)
             remaining = left
+        if remaining and self.limit_heights:
+            # No printer can make the due date for these: route them anyway, as early as possible.
+            self.limit_heights = False
+            try:
+                self._route_group(material, remaining, printers, now, result, note or "late for its due date")
+            finally:
+                self.limit_heights = True
+            return
         for unit in remaining:
             result.rejected.append(PartProblem(unit.part.part_id, f"part {unit.part.part_id!r} ({unit.unit_id}): "
                                                "no capable printer could place it", "no_printer_available"))
@@ -633,6 +676,9 @@ class Router:
             if queue_free + rule.due_margin_h * HOUR >= latest_start:
                 return (f"due-date pressure: must start by {_fmt_ts(latest_start)} to meet {_fmt_ts(due)} "
                         f"(fill {fill:.2f})")
+        if (not printer.powder_bed and now - planned.opened_ts >= rule.idle_plate_release_h * HOUR
+                and self.free_ts(printer, now) <= now):
+            return f"printer idle for a plate build open {rule.idle_plate_release_h:g} h (plate fill {fill:.2f})"
         if now - planned.opened_ts >= rule.max_hold_h * HOUR:
             return f"held open {rule.max_hold_h:g} h (fill {fill:.2f})"
         return None
