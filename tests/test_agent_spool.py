@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -20,10 +21,14 @@ def payload(tag: int, size: int = 100) -> bytes:
     return tag.to_bytes(4, "little") * (size // 4)
 
 
+def builder(tag: int, size: int = 100) -> Callable[[int], bytes]:
+    return lambda _seq: payload(tag, size)
+
+
 def test_rows_come_back_in_order_per_device_and_ack_deletes(tmp_path: Path) -> None:
     spool = Spool(tmp_path / "s.db")
     for i in range(10):
-        spool.append_batch("a", lambda seq, i=i: payload(i), samples=5)
+        spool.append_batch("a", builder(i), samples=5)
         spool.append_event("a" if i % 2 else "b", b'{"type":"alarm","ts":1}')
     rows = spool.pending("a")
     assert [r.seq for r in rows if r.kind is RowKind.TELEMETRY] == list(range(10))
@@ -41,7 +46,7 @@ def test_reopen_keeps_rows_epoch_and_sequence(tmp_path: Path) -> None:
     spool = Spool(tmp_path / "s.db")
     epoch = spool.epoch
     for i in range(3):
-        spool.append_batch("dev", lambda seq, i=i: payload(i), samples=1)
+        spool.append_batch("dev", builder(i), samples=1)
     spool.ack([spool.pending("dev")[0].id])
     spool.close()
     again = Spool(tmp_path / "s.db")
@@ -58,8 +63,13 @@ def test_reopen_keeps_rows_epoch_and_sequence(tmp_path: Path) -> None:
 def test_build_receives_the_sequence_number(tmp_path: Path) -> None:
     spool = Spool(":memory:")
     seen: list[int] = []
+
+    def build(seq: int) -> bytes:
+        seen.append(seq)
+        return seq.to_bytes(8, "little")
+
     for _ in range(3):
-        spool.append_batch("d", lambda seq: (seen.append(seq), seq.to_bytes(8, "little"))[1], samples=1)
+        spool.append_batch("d", build, samples=1)
     assert seen == [0, 1, 2]
     assert [int.from_bytes(r.payload, "little") for r in spool.pending("d")] == [0, 1, 2]
 
@@ -67,7 +77,7 @@ def test_build_receives_the_sequence_number(tmp_path: Path) -> None:
 def test_drop_oldest_makes_room_counts_and_reports(tmp_path: Path) -> None:
     spool = Spool(tmp_path / "s.db", max_bytes=10_000, overflow="drop_oldest")
     for i in range(30):
-        spool.append_batch("d", lambda seq, i=i: payload(i, 1000), samples=10)
+        spool.append_batch("d", builder(i, 1000), samples=10)
     spool.append_event("d", b"e" * 100)
     rows = spool.pending("d")
     stats = spool.stats()
@@ -85,7 +95,7 @@ def test_drop_oldest_makes_room_counts_and_reports(tmp_path: Path) -> None:
 
 def test_drop_newest_keeps_the_backlog(tmp_path: Path) -> None:
     spool = Spool(tmp_path / "s.db", max_bytes=5_000, overflow="drop_newest")
-    results = [spool.append_batch("d", lambda seq, i=i: payload(i, 1000), samples=10) for i in range(8)]
+    results = [spool.append_batch("d", builder(i, 1000), samples=10) for i in range(8)]
     assert results[:5] == [0, 1, 2, 3, 4] and results[5:] == [None, None, None]
     assert [r.seq for r in spool.pending("d")] == [0, 1, 2, 3, 4]
     assert spool.stats()["dropped_batches"] == 3
