@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from security_support import Probe, probe
+from security_support import Probe, connect_packet, probe, publish_packet, tls_socket
 
 from forgeline.broker import find_mosquitto, free_port
 from forgeline.broker.secure import SecureBroker, start_secure_mosquitto
@@ -202,3 +202,63 @@ def test_idle_clients_of_the_metrics_endpoint_are_disconnected(twin: TwinService
         start = time.monotonic()
         assert sock.recv(100) == b""  # closed by the server
         assert time.monotonic() - start < 5
+
+
+def test_slow_drip_publishers_do_not_stall_the_twin(secure: SecureBroker, twin: TwinService) -> None:
+    """Five authenticated clients trickle a CONNECT and a telemetry PUBLISH byte by byte; meanwhile
+    the twin keeps ingesting another tenant's batches promptly, and once complete the trickled
+    batches are ingested like any other."""
+    alpha, bravo = probe(secure.settings(ALPHA)), probe(secure.settings(BRAVO))
+    steady = DeviceRef(ALPHA, "s", "c", "steady")
+    dripped = [DeviceRef(BRAVO, "s", "c", f"drip{i}") for i in range(5)]
+    settings, pair = secure.settings(BRAVO), secure.pki.client(BRAVO)
+    stop, replies = threading.Event(), {}
+
+    def drip(index: int, ref: DeviceRef) -> None:
+        sock = tls_socket(secure.host, secure.port, settings.ca_file or "", (str(pair.cert), str(pair.key)))
+        try:
+            packet = connect_packet(f"drip{index}{SUFFIX}", settings.username, settings.password)
+            packet += publish_packet(ref.telemetry_topic, batch(0))
+            for byte in packet:
+                if stop.wait(0.005):
+                    return
+                sock.sendall(bytes([byte]))
+            replies[index] = sock.recv(4)
+        finally:
+            sock.close()
+
+    try:
+        alpha.subscribe(steady.twin_topic)
+        assert _publish(alpha, steady.status_topic, birth("FDM")) == 0
+        for ref in dripped:
+            assert not _publish(bravo, ref.status_topic, birth("FDM")).is_failure
+        threads = [threading.Thread(target=drip, args=(i, ref), daemon=True) for i, ref in enumerate(dripped)]
+        for t in threads:
+            t.start()
+        for seq in range(5):  # the steady device's batches are ingested promptly while the drips go on
+            start = time.monotonic()
+            assert _publish(alpha, steady.telemetry_topic, batch(seq)) == 0
+            expected = 30 * (seq + 1)
+
+            def ingested(_: object, expected: int = expected) -> bool:
+                return (_latest(alpha, steady.twin_topic) or {}).get("samples") == expected
+
+            alpha.wait_for(ingested)
+            assert time.monotonic() - start < 2.0
+            if seq == 0:
+                assert all(t.is_alive() for t in threads), "the drips finished too early to prove anything"
+        for t in threads:
+            t.join(60)
+        assert all(replies.get(i) == b"\x20\x02\x00\x00" for i in range(5)), replies
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            keys = {ref.key for ref in dripped}
+            done = [d for key, d in list(twin.state.latest.items()) if key in keys and d["samples"] == 30]
+            if len(done) == 5:
+                break
+            time.sleep(0.1)
+        assert len(done) == 5, "the trickled batches were not ingested"
+    finally:
+        stop.set()
+        alpha.close()
+        bravo.close()
