@@ -14,6 +14,7 @@ A YAML (or JSON) file, every key optional::
     unknown_device_hold_s: 10            # telemetry before the birth message waits this long
     max_queue: 200000                    # messages waiting for the ingest thread (back-pressure)
     cycle_max_messages: 5000             # messages per ingest cycle (one core call)
+    cycle_interval_s: 0.005              # at most one cycle per interval unless the queue is full
     core: {max_devices: 1024, channels_per_device: 32}
     snapshot: {dir: /var/lib/forgeline/twin, interval_s: 30}
     influx: {url: http://127.0.0.1:8086, token: "", org: forgeline, bucket: forgeline,
@@ -99,6 +100,7 @@ class TwinConfig:
     unknown_device_max_messages: int = 1000
     max_queue: int = 200_000
     cycle_max_messages: int = 5000
+    cycle_interval_s: float = 0.005  # minimum spacing of ingest cycles: bounds the per-cycle overhead
     max_devices: int = 1024
     channels_per_device: int = 32
     snapshot_dir: str | None = None
@@ -124,8 +126,8 @@ class TwinConfig:
             raise ConfigError(str(exc)) from None
         if self.affinity not in ("handoff", "broker"):
             raise ConfigError(f"affinity must be 'handoff' or 'broker', got {self.affinity!r}")
-        for name in ("publish_interval_s", "snapshot_interval_s"):
-            _positive(name, getattr(self, name), allow_zero=name == "publish_interval_s")
+        for name in ("publish_interval_s", "snapshot_interval_s", "cycle_interval_s"):
+            _positive(name, getattr(self, name), allow_zero=name != "snapshot_interval_s")
         for name in ("fleet_interval_s", "max_clock_skew_s", "unknown_device_hold_s", "heartbeat_s"):
             _positive(name, getattr(self, name))
         for name in ("unknown_device_max_messages", "max_queue", "session_expiry_s", "max_message_bytes",

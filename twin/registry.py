@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from forgeline.contract.topics import DeviceRef
-from forgeline.contract.vocabulary import UnitError, check_channel_unit
+from forgeline.contract.vocabulary import CHANNELS, UnitError, check_channel_unit
 from twin.core import CoreError, FleetCore
 
 # Birth keys copied into the twin's capabilities.
@@ -37,6 +37,7 @@ class Device:
     # channel table (as the raw bytes of a batch) -> core slots, -1 = rejected
     slot_cache: dict[bytes, np.ndarray] = field(default_factory=dict)
     rejected_channels: dict[str, str] = field(default_factory=dict)
+    birth_digest: str = ""  # of the last birth payload registered: a repeated birth is skipped unread
 
     @property
     def key(self) -> str:
@@ -111,12 +112,14 @@ class Registry:
         for i, name in enumerate(channels):
             reason = device.quarantined.get(name)
             if reason is None:
-                try:
-                    check_channel_unit(name, _catalog_unit(name))
-                    out[i] = self.core.channel_index(device.index, name)
-                    continue
-                except (UnitError, CoreError) as exc:
-                    reason = str(exc)
+                if name not in CHANNELS and not name.startswith("x_"):
+                    reason = f"unknown channel {name!r}: not in the catalog, and custom channels start with 'x_'"
+                else:
+                    try:
+                        out[i] = self.core.channel_index(device.index, name)
+                        continue
+                    except CoreError as exc:
+                        reason = str(exc)
             device.rejected_channels[name] = reason
         if len(device.slot_cache) > 64:  # a misbehaving agent inventing tables: keep memory bounded
             device.slot_cache.clear()
@@ -126,7 +129,7 @@ class Registry:
     def to_json(self) -> list[dict[str, Any]]:
         return [
             {"key": d.key, "index": d.index, "capabilities": d.capabilities, "epoch": d.epoch, "online": d.online,
-             "quarantined": d.quarantined}
+             "quarantined": d.quarantined, "birth_digest": d.birth_digest}
             for d in self.devices.values()
         ]
 
@@ -134,13 +137,6 @@ class Registry:
         for doc in docs:
             ref = DeviceRef.from_key(doc["key"])
             device = Device(ref, int(doc["index"]), doc["capabilities"], doc["epoch"], doc["online"],
-                            quarantined=dict(doc.get("quarantined", {})))
+                            quarantined=dict(doc.get("quarantined", {})), birth_digest=doc.get("birth_digest", ""))
             self.devices[ref.key] = device
             self.by_index[device.index] = device
-
-
-def _catalog_unit(name: str) -> str:
-    from forgeline.contract.vocabulary import CHANNELS
-
-    entry = CHANNELS.get(name)
-    return entry.unit if entry is not None else ""

@@ -1,0 +1,404 @@
+"""End-to-end throughput and latency of the twin service against a real Mosquitto, with its baselines
+measured in the same run.
+
+Throughput: the stream is preloaded into the broker. Every consumer (the twin, a bare paho
+subscriber, a bare aiomqtt subscriber) first creates a persistent MQTT 5 session with its
+subscription and disconnects; then the stream is published once (QoS 1) and the broker queues it
+for every session. Each consumer then reconnects alone and is timed from CONNACK until it has
+consumed the whole stream (the twin: until the core has accepted every sample). So each consumer
+runs at its own maximum rate without the publisher competing for the two cores.
+
+1. ``batched``: 200 devices × batches of 20 channels × 50 time steps (1000 samples per message, the
+   edge agent's default ``batch.max_samples``).
+2. ``small``: single-sample messages (the worst case for a Python subscriber).
+3. ``latency``: the twin as its own process, the publisher paced at a fifth of the twin's measured
+   batched rate; latency = publish of batch ``seq`` → the first retained twin state with
+   ``last_seq >= seq`` arriving at a subscriber (p50, p99).
+
+Targets (issue 4): ≥ 1 M samples/s batched, ≥ 0.8 of the bare paho subscriber's rate for both
+streams, p99 < 50 ms at a fifth of the maximum load. Progress to stderr; the last stdout line is
+one JSON object.
+
+Usage: python bench/twin_bench.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import paho.mqtt.client as paho  # noqa: E402
+from paho.mqtt.packettypes import PacketTypes  # noqa: E402
+from paho.mqtt.properties import Properties  # noqa: E402
+
+from forgeline.broker import start_mosquitto  # noqa: E402
+from forgeline.contract import schemas, telemetry, topics  # noqa: E402
+from forgeline.contract.topics import DeviceRef, Kind  # noqa: E402
+from forgeline.mqtt import MqttSettings, connect, make_client  # noqa: E402
+from twin.config import TwinConfig  # noqa: E402
+from twin.service import TwinService  # noqa: E402
+
+CHANNELS = ["state", "produced_total", "nozzle_temp", "bed_temp", "chamber_temp", "vibration",
+            *[f"x_sensor{i}" for i in range(14)]]
+STEPS = 50  # 20 channels x 50 steps = 1000 samples per message: the edge agent's default batch limit
+T0_US = 1_763_900_000_000_000
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def births(tenant: str, devices: int, channels: list[str]) -> list[tuple[DeviceRef, bytes]]:
+    from forgeline.contract.vocabulary import CHANNELS as CATALOG
+
+    out = []
+    for d in range(devices):
+        ref = DeviceRef(tenant, "site", "hall", f"d{d:04d}")
+        doc = {"status": "online", "ts": time.time(), "epoch": 1, "technology": "FDM",
+               "planned_cycle_time_s": 60.0,
+               "channels": [{"name": c, "unit": CATALOG[c].unit if c in CATALOG else ""} for c in channels]}
+        out.append((ref, schemas.dumps(doc)))
+    return out
+
+
+def batched_payload(seq: int, channels: list[str], steps: int) -> bytes:
+    t_us, idx, values = [], [], []
+    start = T0_US + seq * steps * 1_000_000
+    for k in range(steps):
+        for c, name in enumerate(channels):
+            t_us.append(start + k * 1_000_000)
+            idx.append(c)
+            values.append(3.0 if name == "state" else float(seq * steps + k) if name == "produced_total"
+                          else 100.0 + (k % 7) * 0.1)
+    return telemetry.encode(channels, t_us, idx, values, seq=seq, epoch=1)
+
+
+def publish_all(settings: MqttSettings, messages: list[tuple[str, bytes]], retain: bool = False) -> float:
+    client = connect(settings)
+    started = time.perf_counter()
+    last = None
+    for topic, payload in messages:
+        while True:
+            last = client.publish(topic, payload, qos=1, retain=retain)
+            if last.rc == paho.MQTT_ERR_SUCCESS:
+                break
+            time.sleep(0.001)
+    if last is not None:
+        last.wait_for_publish(120)
+    elapsed = time.perf_counter() - started
+    client.disconnect()
+    client.loop_stop()
+    return elapsed
+
+
+def _session_props(expiry: int) -> Properties:
+    props = Properties(PacketTypes.CONNECT)
+    props.SessionExpiryInterval = expiry
+    props.ReceiveMaximum = 2000
+    return props
+
+
+class PahoCounter:
+    """A bare paho subscriber: counts messages and bytes in its callback, nothing else."""
+
+    def __init__(self, settings: MqttSettings, client_id: str, topic_filter: str) -> None:
+        self.settings, self.client_id, self.topic_filter = settings, client_id, topic_filter
+        self.count = 0
+        self.bytes = 0
+        self.done = threading.Event()
+        self.target = 0
+
+    def _client(self) -> paho.Client:
+        client = make_client(self.settings, self.client_id, clean=False)
+        client.on_message = self._on_message
+        return client
+
+    def _on_message(self, _c: Any, _u: Any, message: paho.MQTTMessage) -> None:
+        self.count += 1
+        self.bytes += len(message.payload)
+        if self.count >= self.target:
+            self.done.set()
+
+    def create_session(self) -> None:
+        client = self._client()
+        subscribed = threading.Event()
+        client.on_subscribe = lambda *a: subscribed.set()
+        client.on_connect = lambda c, *a: c.subscribe(self.topic_filter, 1)
+        client.connect(self.settings.host, self.settings.port, 30, clean_start=True, properties=_session_props(3600))
+        client.loop_start()
+        assert subscribed.wait(10)
+        client.disconnect()
+        client.loop_stop()
+
+    def drain(self, target: int, timeout: float = 600) -> float:
+        self.target, self.count, self.bytes = target, 0, 0
+        self.done.clear()
+        client = self._client()
+        connected = threading.Event()
+        client.on_connect = lambda *a: connected.set()
+        client.connect(self.settings.host, self.settings.port, 30, clean_start=False, properties=_session_props(3600))
+        client.loop_start()
+        assert connected.wait(10)
+        started = time.perf_counter()
+        assert self.done.wait(timeout), f"paho got {self.count} of {target}"
+        elapsed = time.perf_counter() - started
+        client.disconnect()
+        client.loop_stop()
+        return elapsed
+
+
+class AiomqttCounter:
+    """A bare aiomqtt subscriber: ``async for message in client.messages`` counting."""
+
+    def __init__(self, settings: MqttSettings, client_id: str, topic_filter: str) -> None:
+        self.settings, self.client_id, self.topic_filter = settings, client_id, topic_filter
+
+    def _client(self, clean_start: bool) -> Any:
+        import aiomqtt
+
+        return aiomqtt.Client(self.settings.host, self.settings.port, identifier=self.client_id,
+                              protocol=aiomqtt.ProtocolVersion.V5, clean_start=clean_start,
+                              properties=_session_props(3600), max_inflight_messages=2000)
+
+    def create_session(self) -> None:
+        async def run() -> None:
+            async with self._client(True) as client:
+                await client.subscribe(self.topic_filter, qos=1)
+
+        asyncio.run(run())
+
+    def drain(self, target: int, timeout: float = 600) -> float:
+        async def run() -> float:
+            async with self._client(False) as client:
+                started = time.perf_counter()
+                count = 0
+                async with asyncio.timeout(timeout):
+                    async for message in client.messages:
+                        count += 1
+                        _ = len(message.payload)  # type: ignore[arg-type]
+                        if count >= target:
+                            break
+                return time.perf_counter() - started
+
+        return asyncio.run(run())
+
+
+def twin_config(settings: MqttSettings, tenant: str, worker: str, snapshot_dir: Path, **extra: Any) -> TwinConfig:
+    return TwinConfig(broker=f"mqtt://{settings.host}:{settings.port}", worker_id=worker, tenants=(tenant,),
+                      session_expiry_s=3600, unknown_device_hold_s=600, unknown_device_max_messages=100_000,
+                      max_devices=4096, channels_per_device=24, snapshot_dir=str(snapshot_dir),
+                      snapshot_interval_s=3600, **extra)
+
+
+def register_devices(settings: MqttSettings, tenant: str, worker: str, snapshot_dir: Path,
+                     refs: list[tuple[DeviceRef, bytes]]) -> None:
+    """Create the twin's session and let it learn the devices (kept in its snapshot), like a twin
+    that has been running; the timed drain then measures telemetry only."""
+    service = TwinService(twin_config(settings, tenant, worker, snapshot_dir)).start()
+    publish_all(settings, [(ref.status_topic, payload) for ref, payload in refs], retain=True)
+    deadline = time.monotonic() + 120
+    while len(service.ingestor.registry) < len(refs):
+        if time.monotonic() > deadline:
+            raise RuntimeError("the twin did not register the devices")
+        time.sleep(0.05)
+    service.stop()
+
+
+def run_twin_drain(settings: MqttSettings, tenant: str, worker: str, snapshot_dir: Path,
+                   samples: int) -> tuple[float, TwinService]:
+    service = TwinService(twin_config(settings, tenant, worker, snapshot_dir))
+    service.start()
+    started = time.perf_counter()
+    deadline = started + 600
+    counters = service.ingestor.counters
+    while counters.samples_accepted < samples:
+        if time.perf_counter() > deadline:
+            raise RuntimeError(f"twin accepted {counters.samples_accepted} of {samples}")
+        time.sleep(0.005)
+    elapsed = time.perf_counter() - started
+    service.stop()
+    return elapsed, service
+
+
+def throughput(settings: MqttSettings, name: str, devices: int, messages_per_device: int, channels: list[str],
+               steps: int, with_aiomqtt: bool) -> dict[str, Any]:
+    tenant = f"bench{name}{os.getpid()}"
+    telemetry_filter = topics.device_filter(Kind.TELEMETRY, tenant)
+    worker = f"twin-{tenant}"
+    snapshot_dir = Path(tempfile.mkdtemp(prefix=f"twin-bench-{name}-"))
+    refs = births(tenant, devices, channels)
+    # sessions first, so the broker queues the stream for each consumer
+    register_devices(settings, tenant, worker, snapshot_dir, refs)
+    paho_counter = PahoCounter(settings, f"paho-{tenant}", telemetry_filter)
+    paho_counter.create_session()
+    aio = AiomqttCounter(settings, f"aio-{tenant}", telemetry_filter) if with_aiomqtt else None
+    if aio is not None:
+        aio.create_session()
+    payloads = [batched_payload(seq, channels, steps) for seq in range(messages_per_device)]
+    stream = [(ref.telemetry_topic, payloads[seq]) for seq in range(messages_per_device) for ref, _ in refs]
+    n_messages = len(stream)
+    samples = n_messages * steps * len(channels)
+    log(f"[{name}] publishing {n_messages} messages ({samples} samples, "
+        f"{sum(len(p) for _, p in stream) / 1e6:.1f} MB)")
+    publish_s = publish_all(settings, stream)
+    del stream
+    log(f"[{name}] published in {publish_s:.1f}s; draining the bare paho subscriber")
+    paho_s = paho_counter.drain(n_messages)
+    aio_s = None
+    if aio is not None:
+        log(f"[{name}] draining the aiomqtt subscriber")
+        aio_s = aio.drain(n_messages)
+    log(f"[{name}] draining the twin")
+    twin_s, service = run_twin_drain(settings, tenant, worker, snapshot_dir, samples)
+    counters = service.ingestor.counters
+    assert counters.batches_duplicate == 0 and not counters.dead_letters, counters
+    result = {
+        "messages": n_messages,
+        "samples": samples,
+        "samples_per_message": steps * len(channels),
+        "twin_s": round(twin_s, 3),
+        "paho_s": round(paho_s, 3),
+        "twin_samples_per_s": round(samples / twin_s),
+        "paho_samples_per_s": round(samples / paho_s),
+        "twin_msgs_per_s": round(n_messages / twin_s),
+        "paho_msgs_per_s": round(n_messages / paho_s),
+        "ratio_to_paho": round(paho_s / twin_s, 3),
+    }
+    if aio_s is not None:
+        result["aiomqtt_msgs_per_s"] = round(n_messages / aio_s)
+        result["aiomqtt_ratio_to_paho"] = round(paho_s / aio_s, 3)
+    log(f"[{name}] {json.dumps(result)}")
+    return result
+
+
+def latency(settings: MqttSettings, samples_per_s: float, duration_s: float, devices: int,
+            workdir: Path) -> dict[str, Any]:
+    tenant = f"benchlat{os.getpid()}"
+    per_message = STEPS * len(CHANNELS)
+    rate = samples_per_s / per_message  # messages per second
+    config = {"broker": f"mqtt://{settings.host}:{settings.port}", "worker_id": f"twin-{tenant}",
+              "tenants": [tenant], "publish_interval_s": 0.0, "session_expiry_s": 60,
+              "core": {"max_devices": 4096, "channels_per_device": 24}}
+    (workdir / "twin.json").write_text(json.dumps(config))
+    process = subprocess.Popen([sys.executable, "-m", "forgeline.cli", "twin", "--config", str(workdir / "twin.json")],
+                               stdout=subprocess.DEVNULL, stderr=(workdir / "twin.log").open("wb"), cwd=REPO,
+                               env={**os.environ, "PYTHONPATH": str(REPO)})
+    received: dict[str, list[tuple[int, float]]] = {}
+    lock = threading.Lock()
+    watcher = connect(settings)
+
+    def on_message(_c: Any, _u: Any, message: paho.MQTTMessage) -> None:
+        now = time.perf_counter()
+        if not message.payload:
+            return
+        last_seq = json.loads(message.payload).get("last_seq")
+        if last_seq is not None:
+            with lock:
+                received.setdefault(message.topic, []).append((last_seq, now))
+
+    watcher.on_message = on_message
+    watcher.subscribe(topics.device_filter(Kind.TWIN, tenant), 1)
+    try:
+        refs = births(tenant, devices, CHANNELS)
+        publish_all(settings, [(ref.status_topic, payload) for ref, payload in refs], retain=True)
+        deadline = time.monotonic() + 60
+        while len(received) < 0 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        # wait until the twin has registered every device (its first twin states carry no last_seq)
+        time.sleep(1.0)
+        warm = [(ref.telemetry_topic, batched_payload(0, CHANNELS, STEPS)) for ref, _ in refs]
+        publish_all(settings, warm)  # compiles nothing new, but fills the caches
+        deadline = time.monotonic() + 60
+        while sum(1 for v in received.values() if v) < devices and time.monotonic() < deadline:
+            time.sleep(0.05)
+        payloads = [batched_payload(seq, CHANNELS, STEPS) for seq in range(1, 1 + int(duration_s * rate) + 1)]
+        client = connect(settings)
+        sent: dict[tuple[str, int], float] = {}
+        n = int(duration_s * rate)
+        log(f"[latency] {rate:.0f} msgs/s = {samples_per_s / 1e3:.0f}k samples/s for {duration_s:.0f}s")
+        started = time.perf_counter()
+        for k in range(n):
+            ref = refs[k % devices][0]
+            seq = 1 + k // devices
+            due = started + k / rate
+            pause = due - time.perf_counter()
+            if pause > 0:
+                time.sleep(pause)
+            sent[(ref.twin_topic, seq)] = time.perf_counter()
+            client.publish(ref.telemetry_topic, payloads[seq - 1], qos=1)
+        time.sleep(2.0)
+        client.disconnect()
+        client.loop_stop()
+        latencies = []
+        with lock:
+            for (topic, seq), at in sent.items():
+                arrivals = [t for s, t in received.get(topic, []) if s >= seq and t >= at]
+                if arrivals:
+                    latencies.append((min(arrivals) - at) * 1000)
+        latencies.sort()
+        missing = len(sent) - len(latencies)
+
+        def pct(p: float) -> float:
+            return round(latencies[min(len(latencies) - 1, int(p * len(latencies)))], 2)
+
+        result = {"load_samples_per_s": round(samples_per_s), "messages": len(sent), "missing": missing,
+                  "p50_ms": pct(0.50), "p99_ms": pct(0.99), "max_ms": round(latencies[-1], 2)}
+        log(f"[latency] {json.dumps(result)}")
+        return result
+    finally:
+        watcher.disconnect()
+        watcher.loop_stop()
+        process.terminate()
+        try:
+            process.wait(15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smaller streams (a smoke run)")
+    args = parser.parse_args()
+    scale = 0.2 if args.quick else 1.0
+    workdir = Path(tempfile.mkdtemp(prefix="twin-bench-"))
+    broker = start_mosquitto(workdir=workdir / "mosquitto")
+    settings = MqttSettings(host=broker.host, port=broker.port)
+    try:
+        batched = throughput(settings, "batched", devices=200, messages_per_device=max(2, int(10 * scale)),
+                             channels=CHANNELS, steps=STEPS, with_aiomqtt=True)
+        small = throughput(settings, "small", devices=1000, messages_per_device=max(2, int(60 * scale)),
+                           channels=["nozzle_temp"], steps=1, with_aiomqtt=True)
+        fifth = batched["twin_samples_per_s"] / 5
+        lat = latency(settings, fifth, duration_s=8 * max(scale, 0.5), devices=200, workdir=workdir)
+    finally:
+        broker.stop()
+    result = {
+        "bench": "twin",
+        "batched": batched,
+        "small": small,
+        "latency": lat,
+        "targets": {
+            "batched_samples_per_s_1M": batched["twin_samples_per_s"] >= 1_000_000,
+            "batched_ratio_0.8": batched["ratio_to_paho"] >= 0.8,
+            "small_ratio_0.8": small["ratio_to_paho"] >= 0.8,
+            "p99_under_50ms_at_fifth_load": lat["p99_ms"] < 50,
+        },
+    }
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
