@@ -28,6 +28,9 @@ _PARAM_DOCS = {
     "client_id": "the requesting client's id; responses go to its own topic",
     "model": "product model",
     "revision": "product revision",
+    "customer": "customer enterprise (isolated by broker ACLs like a tenant)",
+    "order_id": "order id within the customer",
+    "part": "part key within the order (topics.part_key of the part id)",
 }
 
 

@@ -470,6 +470,170 @@ TELEMETRY: Schema = {
     "description": "Batched telemetry, see forgeline/contract/telemetry.py (magic FLT1).",
 }
 
+_money: Schema = {"type": "number", "minimum": 0}
+_part_states = ["received", "routed", "queued", "printing", "post_processing", "done", "delayed", "rejected"]
+
+_quote_part: Schema = _obj(
+    ["part_id"],
+    {
+        "part_id": {"type": "string", "minLength": 1, "maxLength": 128},
+        "technology": {"enum": [t for t in _technologies if t != "line"]},
+        "material": {"type": "string", "minLength": 1},
+        "bbox_mm": {"type": "array", "items": {"type": "number"}, "minItems": 3, "maxItems": 3},
+        "volume_cm3": {"type": "number"},
+        "mass_g": {"type": "number"},
+        "quantity": {"type": "integer", "minimum": 1, "maximum": 100000},
+        "stl_base64": {"type": "string", "description": "a small STL file (binary or ASCII), base64; the "
+                       "geometry is computed from the mesh instead of bbox_mm / volume_cm3"},
+        "stl_unit": {"enum": ["mm", "cm", "inch"]},
+    },
+    extra=True,
+)
+
+QUOTE_REQUEST: Schema = _obj(
+    ["correlation_id", "client_id", "parts"],
+    {
+        "correlation_id": {"type": "string", "minLength": 1, "maxLength": 128},
+        "client_id": _ident,
+        "parts": {"type": "array", "items": _quote_part, "minItems": 1, "maxItems": 1000},
+        "due_ts": _ts,
+    },
+    description="Instant quote: parts with technology and material, or left open for proposals.",
+)
+
+_quote_option: Schema = _obj(
+    ["technology", "material", "unit_price", "total_price", "lead_time_h"],
+    {
+        "technology": {"type": "string"},
+        "material": {"type": "string"},
+        "unit_price": _money,
+        "total_price": _money,
+        "lead_time_h": {"type": "number", "minimum": 0},
+        "ready_ts": _ts,
+        "capable_printers": {"type": "integer", "minimum": 0},
+        "busy_share": _ratio,
+        "breakdown": {"type": "object", "additionalProperties": {"type": "number"}},
+    },
+    extra=True,
+)
+
+QUOTE_RESPONSE: Schema = _obj(
+    ["correlation_id", "ok"],
+    {
+        "correlation_id": {"type": "string"},
+        "ok": {"type": "boolean"},
+        "quote_id": {"type": "string"},
+        "ts": _ts,
+        "valid_until_ts": _ts,
+        "currency": {"type": "string"},
+        "parts": {
+            "type": "array",
+            "items": _obj(["part_id", "options"], {
+                "part_id": {"type": "string"},
+                "quantity": {"type": "integer"},
+                "bbox_mm": {"type": "array", "items": {"type": "number"}},
+                "volume_cm3": {"type": "number"},
+                "options": {"type": "array", "items": _quote_option},
+                "error": {"type": "string", "description": "why this part has no option (broken mesh, too large)"},
+            }, extra=True),
+        },
+        "error": {"type": "string"},
+    },
+)
+
+ORDER_SUBMIT: Schema = _obj(
+    ["order_id", "parts"],
+    {
+        "order_id": _ident,
+        "customer": {**_ident, "description": "must equal the customer level of the topic if given"},
+        "due_ts": _ts,
+        "priority": {"type": "integer"},
+        "quote_id": {"type": "string"},
+        "parts": {"type": "array", "items": _order_part, "minItems": 1, "maxItems": 10000},
+    },
+    extra=True,
+    description="An order to produce; answered by its retained order status.",
+)
+
+_unit_status: Schema = _obj(
+    ["unit_id", "status"],
+    {
+        "unit_id": {"type": "string"},
+        "status": {"enum": _part_states},
+        "factory": {"type": ["string", "null"]},
+        "build_id": {"type": ["string", "null"]},
+        "progress": _ratio,
+        "eta_ts": {"type": ["number", "null"]},
+    },
+)
+
+PART_STATUS: Schema = _obj(
+    ["order_id", "part_id", "ts", "status", "quantity"],
+    {
+        "order_id": {"type": "string"},
+        "part_id": {"type": "string"},
+        "ts": _ts,
+        "status": {"enum": _part_states, "description": "the least advanced status of its units"},
+        "quantity": {"type": "integer", "minimum": 1},
+        "done": {"type": "integer", "minimum": 0},
+        "progress": _ratio,
+        "eta_ts": {"type": ["number", "null"]},
+        "due_ts": {"type": ["number", "null"]},
+        "reason": {"type": "string"},
+        "units": {"type": "array", "items": _unit_status, "maxItems": 100000},
+    },
+    description="Retained status of one part line of an order. Shows only this customer's units.",
+)
+
+ORDER_STATUS: Schema = _obj(
+    ["order_id", "customer", "ts", "status"],
+    {
+        "order_id": {"type": "string"},
+        "customer": _ident,
+        "ts": _ts,
+        "status": {"enum": [*_part_states, "error"]},
+        "error": {"type": "string"},
+        "due_ts": {"type": ["number", "null"]},
+        "eta_ts": {"type": ["number", "null"]},
+        "progress": _ratio,
+        "units": {"type": "integer", "minimum": 0},
+        "units_done": {"type": "integer", "minimum": 0},
+        "factories": {"type": "integer", "minimum": 0, "description": "how many factories produce it"},
+        "parts": {"type": "array", "items": _obj(["part_id", "status"], {
+            "part_id": {"type": "string"},
+            "part": _ident,
+            "status": {"enum": _part_states},
+            "progress": _ratio,
+            "eta_ts": {"type": ["number", "null"]},
+        }, extra=True)},
+    },
+    description="Retained status of one order.",
+)
+
+CUSTOMER_EVENT: Schema = _obj(
+    ["type", "ts", "order_id"],
+    {
+        "type": {"enum": ["eta_past_due", "rerouted", "order_done", "order_rejected"]},
+        "ts": _ts,
+        "order_id": {"type": "string"},
+        "part_ids": {"type": "array", "items": {"type": "string"}},
+        "eta_ts": {"type": ["number", "null"]},
+        "due_ts": {"type": ["number", "null"]},
+        "message": {"type": "string", "maxLength": 4096},
+        "options": {
+            "type": "array",
+            "items": _obj(["option", "eta_ts"], {
+                "option": {"enum": ["keep", "reroute", "expedite"]},
+                "eta_ts": {"type": ["number", "null"]},
+                "on_time": {"type": ["boolean", "null"]},
+                "factories": {"type": "integer", "minimum": 0},
+                "description": {"type": "string"},
+            }, extra=True),
+        },
+    },
+    description="An order event for the customer: an ETA past the due date with re-routing options, done.",
+)
+
 SCHEMAS: dict[str, Schema] = {
     "status": STATUS,
     "telemetry": TELEMETRY,
@@ -487,6 +651,12 @@ SCHEMAS: dict[str, Schema] = {
     "routing_response": ROUTING_RESPONSE,
     "deadletter": DEADLETTER,
     "twin_worker": TWIN_WORKER,
+    "quote_request": QUOTE_REQUEST,
+    "quote_response": QUOTE_RESPONSE,
+    "order_submit": ORDER_SUBMIT,
+    "order_status": ORDER_STATUS,
+    "part_status": PART_STATUS,
+    "customer_event": CUSTOMER_EVENT,
 }
 
 

@@ -18,11 +18,19 @@ with one pattern such as ``fl/v1/%u/telemetry/#``)::
     fl/v1/_platform/routing/request                           order routing request (JSON)
     fl/v1/_platform/routing/response/{client_id}              order routing response (JSON)
     fl/v1/_sys/deadletter/{tenant}                            rejected input with the reason (JSON)
+    fl/v1/_customers/{customer}/quote/request                 instant quote request from a customer (JSON)
+    fl/v1/_customers/{customer}/quotes/{client_id}            quote response (JSON)
+    fl/v1/_customers/{customer}/orders                        order submitted by a customer (JSON)
+    fl/v1/_customers/{customer}/orders/{order_id}             order status (retained, JSON)
+    fl/v1/_customers/{customer}/orders/{order_id}/parts/{part}  part status (retained, JSON)
+    fl/v1/_customers/{customer}/events                        order events: ETA past the due date, done (JSON)
     fl/v1/_sys/twin/worker/{client_id}                        twin worker membership (retained, JSON)
     fl/v1/_sys/twin/handoff/{client_id}                       input handed to the worker that owns its device
 
 The tenant is the partner factory or plant that owns a device. Identifiers are 1-64 characters of
-``[A-Za-z0-9_.-]``; a tenant may not start with ``_``, which marks the system roots.
+``[A-Za-z0-9_.-]``; a tenant may not start with ``_``, which marks the system roots. Customers (the
+enterprises that order parts) are a level below ``_customers`` and follow the tenant rules, so broker
+ACLs confine a customer to ``fl/v1/_customers/<customer>/...``.
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ PREFIX = f"{ROOT}/{VERSION}"
 
 PLATFORM = "_platform"
 SYSTEM = "_sys"
+CUSTOMERS = "_customers"
 
 _IDENT = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 
@@ -159,6 +168,29 @@ class ParsedTopic:
     client_id: str | None = None
     model: str | None = None
     revision: str | None = None
+    customer: str | None = None  # customer topics: quote_request/response, order_submit/status, part_status
+    order_id: str | None = None
+    part: str | None = None
+
+
+def _parse_customer(topic: str, rest: list[str]) -> ParsedTopic:
+    if not rest:
+        raise TopicError(f"a customer topic needs a customer level: {topic!r}")
+    customer, tail = check_tenant(rest[0]), rest[1:]
+    if tail == ["quote", "request"]:
+        return ParsedTopic("quote_request", None, customer=customer)
+    if len(tail) == 2 and tail[0] == "quotes":
+        return ParsedTopic("quote_response", None, customer=customer, client_id=check_ident(tail[1], "client id"))
+    if tail == ["orders"]:
+        return ParsedTopic("order_submit", None, customer=customer)
+    if len(tail) == 2 and tail[0] == "orders":
+        return ParsedTopic("order_status", None, customer=customer, order_id=check_ident(tail[1], "order id"))
+    if len(tail) == 4 and tail[0] == "orders" and tail[2] == "parts":
+        return ParsedTopic("part_status", None, customer=customer, order_id=check_ident(tail[1], "order id"),
+                           part=check_ident(tail[3], "part"))
+    if tail == ["events"]:
+        return ParsedTopic("customer_event", None, customer=customer)
+    raise TopicError(f"unknown customer topic {topic!r}")
 
 
 def parse(topic: str) -> ParsedTopic:
@@ -173,6 +205,8 @@ def parse(topic: str) -> ParsedTopic:
         if kind == "routing" and len(rest) == 2 and rest[0] == "response":
             return ParsedTopic("routing_response", None, client_id=check_ident(rest[1], "client id"))
         raise TopicError(f"unknown platform topic {topic!r}")
+    if tenant == CUSTOMERS:
+        return _parse_customer(topic, parts[3:])
     if tenant == SYSTEM:
         if kind == "deadletter" and len(rest) == 1:
             return ParsedTopic("deadletter", rest[0])
@@ -231,6 +265,52 @@ def routing_request_topic() -> str:
 
 def routing_response_topic(client_id: str) -> str:
     return f"{PREFIX}/{PLATFORM}/routing/response/{check_ident(client_id, 'client id')}"
+
+
+def quote_request_topic(customer: str) -> str:
+    return f"{PREFIX}/{CUSTOMERS}/{check_tenant(customer)}/quote/request"
+
+
+def quote_response_topic(customer: str, client_id: str) -> str:
+    return f"{PREFIX}/{CUSTOMERS}/{check_tenant(customer)}/quotes/{check_ident(client_id, 'client id')}"
+
+
+def order_submit_topic(customer: str) -> str:
+    return f"{PREFIX}/{CUSTOMERS}/{check_tenant(customer)}/orders"
+
+
+def order_status_topic(customer: str, order_id: str) -> str:
+    return f"{PREFIX}/{CUSTOMERS}/{check_tenant(customer)}/orders/{check_ident(order_id, 'order id')}"
+
+
+def part_status_topic(customer: str, order_id: str, part: str) -> str:
+    """``part`` is a topic-safe key of the part (see :func:`part_key`)."""
+    return f"{order_status_topic(customer, order_id)}/parts/{check_ident(part, 'part')}"
+
+
+def part_key(part_id: str) -> str:
+    """A topic level for any part id: the id itself when it is a valid identifier, else a stable digest.
+
+    >>> part_key("bracket-a"), part_key("bracket a/2")
+    ('bracket-a', 'p-2de050b3485e7230')
+    """
+    if _IDENT.match(part_id):
+        return part_id
+    import hashlib
+
+    return "p-" + hashlib.sha256(part_id.encode("utf-8")).hexdigest()[:16]
+
+
+def customer_events_topic(customer: str) -> str:
+    return f"{PREFIX}/{CUSTOMERS}/{check_tenant(customer)}/events"
+
+
+def customer_filter(customer: str = "+", what: str = "#") -> str:
+    """A filter below one customer's level (or every customer's with ``+``): ``#``, ``orders``, ``orders/#``,
+    ``quote/request``, ``events``."""
+    if customer != "+":
+        check_tenant(customer)
+    return f"{PREFIX}/{CUSTOMERS}/{customer}/{what}"
 
 
 def deadletter_topic(tenant: str | None) -> str:
@@ -359,4 +439,16 @@ TOPICS: tuple[TopicSpec, ...] = (
               False, 1, "Telemetry or a device event that a shared subscription delivered to a worker that "
               "does not own the device, handed to the owner; the original topic is the MQTT 5 user "
               "property fl-topic."),
+    TopicSpec("quote_request", f"{PREFIX}/{CUSTOMERS}/{{customer}}/quote/request", "quote_request", "customer",
+              "quote service", False, 1, "Instant quote request: parts with or without technology and material."),
+    TopicSpec("quote_response", f"{PREFIX}/{CUSTOMERS}/{{customer}}/quotes/{{client_id}}", "quote_response",
+              "quote service", "customer", False, 1, "Price and lead-time options per technology and material."),
+    TopicSpec("order_submit", f"{PREFIX}/{CUSTOMERS}/{{customer}}/orders", "order_submit", "customer",
+              "order tracking", False, 1, "An order to produce (after payment); routed to partner factories."),
+    TopicSpec("order_status", f"{PREFIX}/{CUSTOMERS}/{{customer}}/orders/{{order_id}}", "order_status",
+              "order tracking", "customer", True, 1, "Status and ETA of one order, with a summary per part."),
+    TopicSpec("part_status", f"{PREFIX}/{CUSTOMERS}/{{customer}}/orders/{{order_id}}/parts/{{part}}", "part_status",
+              "order tracking", "customer", True, 1, "Status, build progress and ETA of one part line."),
+    TopicSpec("customer_event", f"{PREFIX}/{CUSTOMERS}/{{customer}}/events", "customer_event", "order tracking",
+              "customer", False, 1, "Order events: ETA past the due date (with re-routing options), order done."),
 )

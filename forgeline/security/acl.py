@@ -94,10 +94,16 @@ RIGHTS: dict[Role, tuple[frozenset[str], frozenset[str]]] = {
         frozenset({
             "status", "event", "twin", "fleet", "anomaly", "insights", "command_response", "api_response",
             "routing_request", "routing_response", "feedback",
+            # customer-facing services (quotes, order tracking) read requests and their own retained status
+            "quote_request", "order_submit", "order_status", "part_status",
         }),
-        frozenset({"command", "api_request", "routing_request", "routing_response", "feedback"}),
+        frozenset({"command", "api_request", "routing_request", "routing_response", "feedback",
+                   "quote_response", "order_status", "part_status", "customer_event"}),
     ),
-    Role.CUSTOMER: (frozenset(), frozenset()),
+    Role.CUSTOMER: (
+        frozenset({"quote_response", "order_status", "part_status", "customer_event"}),
+        frozenset({"quote_request", "order_submit"}),
+    ),
     Role.OPERATOR: (frozenset(), frozenset({"command"})),  # reads everything through OPERATOR_READ_ALL
 }
 
