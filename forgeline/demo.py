@@ -1,6 +1,7 @@
 """``forgeline demo``: the whole stack on one machine.
 
-Starts a broker (Mosquitto when installed, else embedded amqtt), the twin service, and an edge agent
+Starts a broker (Mosquitto when installed, else embedded amqtt), the twin service, the iteration loop,
+and an edge agent
 running a simulated fleet — 3D printers of every technology across two partner factories
 (``factory-a``, ``factory-b``) and a microwave-oven line (``oven-plant``) — then shows a live view of
 what the twin computes, read back from the retained twin topics like any platform service would.
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import signal
@@ -22,12 +24,15 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
 from forgeline.broker import RunningBroker, start_broker
-from forgeline.mqtt import MqttSettings
+from forgeline.contract import schemas
+from forgeline.contract.topics import DeviceRef
+from forgeline.mqtt import MqttSettings, connect
 from forgeline.view import LiveView
 
 log = logging.getLogger(__name__)
@@ -52,6 +57,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--influx-bucket", default="forgeline", help="bucket (database/retention for 1.x)")
     parser.add_argument("--influx-interval", type=float, default=2.0,
                         help="seconds between downsampled points (default 2)")
+    parser.add_argument("--revision-at", type=float, default=30.0,
+                        help="seconds after start when the oven line switches from revision B to C, whose door "
+                             "seal leaks more, so the iteration loop has two revisions to compare (0: never)")
     parser.add_argument("--no-view", action="store_true", help="no live view; print a summary at the end")
     parser.add_argument("--summary-json", type=Path, default=None,
                         help="write the final twin state of every device to this JSON file")
@@ -65,13 +73,15 @@ class Demo:
         self.broker: RunningBroker | None = None
         self.settings: MqttSettings | None = None
         self.twin: Any = None
+        self.loop: Any = None
         self.agent: Any = None
         self.view: LiveView | None = None
+        self.line_station: DeviceRef | None = None
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
 
     def start(self) -> None:
         from edge_agent.agent import start_simulated_fleet
-        from edge_agent.sources.simulator import demo_fleet
+        from edge_agent.sources.simulator import RevisionEffects, demo_fleet
         from twin.config import InfluxConfig, TwinConfig
         from twin.service import TwinService
 
@@ -101,13 +111,35 @@ class Demo:
         config = TwinConfig(broker=url, mqtt=mqtt_options, worker_id="demo-twin", publish_interval_s=1.0,
                             fleet_interval_s=2.0, snapshot_dir=str(data_dir / "snapshots"), influx=influx)
         self.twin = TwinService(config).start()
+        from forgeline.loop.service import LoopService, ServiceConfig
+
+        self.loop = LoopService(self.settings, ServiceConfig(interval_s=5.0, client_id="demo-loop",
+                                                             state_file=data_dir / "loop-state.json"))
+        self.loop.start()
         fleet = demo_fleet(labels_file=str(data_dir / "anomaly-labels.jsonl"))
+        # Revision C of the oven has a weaker door seal: the change engineering should hear about.
+        line = dataclasses.replace(fleet.lines[0], effects={"C": RevisionEffects(door_leakage_scale=1.8)})
+        fleet = dataclasses.replace(fleet, lines=(line, *fleet.lines[1:]))
+        self.line_station = DeviceRef(line.tenant or fleet.tenant, line.site or fleet.site, line.area, line.stations[0])
         self.agent = start_simulated_fleet(self.settings, fleet, speed=args.speed, seed=args.seed,
                                            rate_hz=args.rate, spool_path=data_dir / "spool.sqlite")
         # The view reads the retained twin topics like any platform service; it also feeds the summary.
         self.view = LiveView(self.settings, refresh_s=args.refresh, status_line=self.status_line,
                              draw_enabled=not args.no_view)
         self.view.start()
+
+    def switch_revision(self, revision: str) -> None:
+        """Tell the line to build ``revision`` from now on, as an operator does: a set_config command."""
+        assert self.settings is not None and self.line_station is not None
+        client = connect(self.settings)
+        try:
+            request = {"correlation_id": f"demo-{uuid.uuid4().hex[:8]}", "ts": time.time(),
+                       "args": {"product_revision": revision}}
+            client.publish(self.line_station.command_topic("set_config"), schemas.dumps(request),
+                           qos=1).wait_for_publish(5)
+        finally:
+            client.disconnect()
+            client.loop_stop()
 
     def status_line(self) -> str:
         try:
@@ -121,7 +153,9 @@ class Demo:
 
     def stop(self) -> None:
         # Reverse order: the view, then the agent (drains its batches), the twin, the broker.
-        for part, name in ((self.view, "view"), (self.agent, "agent"), (self.twin, "twin"), (self.broker, "broker")):
+        parts = ((self.view, "view"), (self.agent, "agent"), (self.loop, "loop"), (self.twin, "twin"),
+                 (self.broker, "broker"))
+        for part, name in parts:
             if part is None:
                 continue
             try:
@@ -167,7 +201,11 @@ def run(args: argparse.Namespace) -> int:
     try:
         demo.start()
         deadline = started + args.duration if args.duration > 0 else None
+        switch_at = started + args.revision_at if args.revision_at > 0 else None
         while not stop.is_set():
+            if switch_at is not None and time.time() >= switch_at:
+                demo.switch_revision("C")
+                switch_at = None
             if deadline is not None and time.time() >= deadline:
                 break
             if demo.view is not None and not args.no_view:

@@ -54,6 +54,7 @@ class TwinView:
     twins: dict[str, dict[str, Any]] = field(default_factory=dict)
     fleets: dict[str, dict[str, Any]] = field(default_factory=dict)
     anomalies: list[dict[str, Any]] = field(default_factory=list)
+    insights: dict[str, dict[str, Any]] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
     messages: int = 0
 
@@ -69,6 +70,8 @@ class TwinView:
                 self.twins[parsed.device.key] = document
             elif parsed.kind == "fleet" and parsed.tenant:
                 self.fleets[parsed.tenant] = document
+            elif parsed.kind == "insights" and parsed.model:
+                self.insights[f"{parsed.tenant}/{parsed.model}"] = document
             elif parsed.kind == Kind.ANOMALY.value:
                 self.anomalies.append(document)
                 del self.anomalies[:-6]
@@ -81,6 +84,7 @@ class TwinView:
             twins = dict(self.twins)
             fleets = dict(self.fleets)
             anomalies = list(self.anomalies)
+            insights = dict(self.insights)
         lines = [c(_BOLD, title or "forgeline twin — live"), ""]
         header = (f"{'tenant':<12} {'device':<26} {'tech':<6} {'state':<11} {'util':>6} {'OEE':>6} "
                   f"{'fill':>6} {'':10} {'anomaly':>7} {'':10}")
@@ -116,6 +120,17 @@ class TwinView:
             lines.append("")
         if not twins:
             lines.append("waiting for twin state ...")
+        for key, doc in sorted(insights.items()):
+            revisions = ", ".join(f"{r.get('revision')}: {r.get('units', 0)} units"
+                                  + (f" FPY {100 * r['first_pass_yield']:.1f}%" if r.get("first_pass_yield") is not None
+                                     else "")
+                                  for r in doc.get("revisions", []))
+            flagged = doc.get("insights", [])
+            lines.append(c(_BOLD, f"iteration loop {key}") + f"  {revisions}; {doc.get('tests', 0)} comparisons, "
+                         f"{len(flagged)} flagged")
+            for item in flagged[:3]:
+                lines.append(f"  ! {json.dumps({k: item.get(k) for k in ('kpi', 'channel', 'revision', 'effect')})}")
+            lines.append("")
         if anomalies:
             lines.append(c(_BOLD, "recent anomaly events"))
             for event in anomalies[-6:]:
@@ -144,6 +159,7 @@ class LiveView:
             (topics.device_filter(Kind.TWIN), 1),
             (f"{topics.PREFIX}/+/fleet", 1),
             (topics.device_filter(Kind.ANOMALY), 1),
+            (topics.insights_filter(), 1),
         ])
         self._client = client
         if self.tty:
