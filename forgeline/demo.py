@@ -62,7 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "seal leaks more, so the iteration loop has two revisions to compare (0: never)")
     parser.add_argument("--no-view", action="store_true", help="no live view; print a summary at the end")
     parser.add_argument("--summary-json", type=Path, default=None,
-                        help="write the final twin state of every device to this JSON file")
+                        help="write the final twin state of every device and the insights to this JSON file")
 
 
 class Demo:
@@ -127,6 +127,13 @@ class Demo:
         self.view = LiveView(self.settings, refresh_s=args.refresh, status_line=self.status_line,
                              draw_enabled=not args.no_view)
         self.view.start()
+
+    def final_insights(self) -> dict[str, Any]:
+        """The latest iteration insights per tenant/model, as received on the insights topics."""
+        if self.view is None:
+            return {}
+        with self.view.view.lock:
+            return dict(self.view.view.insights)
 
     def switch_revision(self, revision: str) -> None:
         """Tell the line to build ``revision`` from now on, as an operator does: a set_config command."""
@@ -212,6 +219,7 @@ def run(args: argparse.Namespace) -> int:
                 demo.view.draw(started)
             stop.wait(args.refresh if deadline is None else max(0.0, min(args.refresh, deadline - time.time())))
         twins = demo.final_twins()
+        insights = demo.final_insights()
     finally:
         for sig, handler in previous.items():
             with contextlib.suppress(ValueError):
@@ -219,5 +227,5 @@ def run(args: argparse.Namespace) -> int:
         demo.stop()
     print(f"\nforgeline demo ran {time.time() - started:.0f} s; final twin state:\n{_summary(twins)}")
     if args.summary_json:
-        args.summary_json.write_text(json.dumps(twins, indent=2, default=str))
+        args.summary_json.write_text(json.dumps({"twins": twins, "insights": insights}, indent=2, default=str))
     return 0

@@ -83,13 +83,14 @@ def test_demo_command_runs_the_whole_stack(tmp_path: Path) -> None:
     """`forgeline demo --duration` (what `make demo` runs) brings up every part and reports real KPIs."""
     summary = tmp_path / "summary.json"
     result = subprocess.run(
-        [sys.executable, "-m", "forgeline.cli", "demo", "--duration", "25", "--no-view", "--speed", "300",
-         "--summary-json", str(summary)],
+        [sys.executable, "-m", "forgeline.cli", "demo", "--duration", "30", "--no-view", "--speed", "300",
+         "--revision-at", "12", "--summary-json", str(summary)],
         cwd=ROOT, capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "broker: mosquitto" in result.stderr
-    twins = json.loads(summary.read_text())
+    document = json.loads(summary.read_text())
+    twins = document["twins"]
     tenants = {t["device"]["tenant"] for t in twins}
     assert {"factory-a", "factory-b", "oven-plant"} <= tenants
     technologies = {t["capabilities"]["technology"] for t in twins}
@@ -99,3 +100,8 @@ def test_demo_command_runs_the_whole_stack(tmp_path: Path) -> None:
     assert all(t["samples"] > 0 for t in twins)
     assert any((t["kpis"].get("chamber_fill") or 0) > 0 for t in twins)
     assert "final twin state" in result.stdout
+    # The iteration loop saw the line's units of both revisions (the switch is a set_config command).
+    insight = document["insights"]["oven-plant/MW-20"]
+    schemas.validate("insights", insight)
+    units = {r["revision"]: r["units"] for r in insight["revisions"]}
+    assert units.get("B", 0) > 0 and units.get("C", 0) > 0, units
