@@ -75,6 +75,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
+        if exc.name and module_name.startswith(exc.name):
+            print(f"forgeline {ns.command}: not part of this installation ({module_name} is missing)", file=sys.stderr)
+            return 2
         print(
             f"forgeline {ns.command}: cannot import {exc.name!r}. Install the extra it needs, for example "
             f"pip install 'forgeline[all]'",
