@@ -187,7 +187,7 @@ class AiomqttCounter:
                 async with asyncio.timeout(timeout):
                     async for message in client.messages:
                         count += 1
-                        _ = len(message.payload)  # type: ignore[arg-type]
+                        _ = len(message.payload)
                         if count >= target:
                             break
                 return time.perf_counter() - started
