@@ -135,7 +135,11 @@ class TwinService:
         self._stopping.clear()
         self._thread = threading.Thread(target=self._run, name=f"twin-ingest-{self.worker_id}", daemon=True)
         self._thread.start()
-        self._connect(timeout)
+        try:
+            self._connect(timeout)
+        except MqttError:
+            self.stop(snapshot=False)  # leave no thread, writer or HTTP server behind
+            raise
         return self
 
     def _connect(self, timeout: float) -> None:
@@ -172,7 +176,6 @@ class TwinService:
         self._client = client
         client.loop_start()
         if not self._connected.wait(timeout):
-            self.stop()
             raise MqttError(f"twin {self.worker_id}: no CONNACK from {settings.host}:{settings.port}")
 
     def subscriptions(self) -> list[tuple[str, int]]:
