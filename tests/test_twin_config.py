@@ -67,7 +67,7 @@ def test_unreadable_and_invalid_files(tmp_path: Path) -> None:
         TwinConfig.load(tmp_path / "missing.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("broker: [unclosed\n")
-    with pytest.raises(ConfigError, match="bad.yaml"):
+    with pytest.raises(ConfigError, match=r"bad\.yaml"):
         TwinConfig.load(bad)
     listed = tmp_path / "list.json"
     listed.write_text("[1, 2]")
