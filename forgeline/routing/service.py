@@ -5,7 +5,7 @@ Topics (all built in :mod:`forgeline.contract.topics`)::
 
     in   fl/v1/_platform/routing/request                    routing_request {correlation_id, client_id, order}
     out  fl/v1/_platform/routing/response/{client_id}       routing_response with per-part decisions
-    out  fl/v1/_platform/routing/response/_events            re-routing after a printer failure (unsolicited)
+    out  fl/v1/_platform/routing/response/_events            re-routing after a failure, build state changes
     in   fl/v1/+/status/+/+/+ , fl/v1/+/twin/+/+/+           births (capabilities) and twin state
     in   fl/v1/+/event/+/+/+                                job_started / job_finished / job_aborted
     out  fl/v1/{tenant}/cmd/{site}/{area}/{device}/dispatch_job      a released build as a job
@@ -274,6 +274,14 @@ class RoutingService:
             result = self.router.reroute_build(job_id, time.time(), f"job aborted on {device.key}")
             self.counters.reroutes += 1
             self._publish_event(result, f"reroute-{uuid.uuid4().hex[:12]}")
+        self._build_changed(planned)
+
+    def _build_changed(self, planned: PlannedBuild) -> None:
+        """Announce a build's new state (released, dispatched, printing, done) on the events topic, so
+        order tracking follows builds between routing responses."""
+        if self._client is not None:
+            self._respond(EVENTS_CLIENT, {"correlation_id": f"build-{planned.build_id}-{planned.status}", "ok": True,
+                                          "assignments": [], "rejected": [], "builds": [planned.document()]})
         if self.on_build is not None:
             self.on_build(planned)
 
@@ -283,8 +291,7 @@ class RoutingService:
         # Called inside the router; sending waits until the router call returns.
         if self.dispatch:
             self._to_dispatch.append(planned)
-        if self.on_build is not None:
-            self.on_build(planned)
+        self._build_changed(planned)
 
     def _flush_dispatch(self) -> None:
         while self._to_dispatch:
@@ -332,8 +339,7 @@ class RoutingService:
             if planned.status == "released":
                 planned.status = "dispatched"
             planned.dispatch_result = response.get("result") or {}
-            if self.on_build is not None:
-                self.on_build(planned)
+            self._build_changed(planned)
         else:
             why = f"agent refused the job: {response.get('error', 'no reason')}"
             # The same agent would refuse the same kind of job again (material not loaded, full queue).
