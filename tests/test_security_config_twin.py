@@ -99,8 +99,6 @@ def test_twin_example_is_valid() -> None:
     assert isinstance(TwinConfig.from_dict(TWIN_EXAMPLE), TwinConfig)
 
 
-@pytest.mark.xfail(strict=True, reason="gap in twin/config.py (reported): TwinConfig.load lets UnicodeDecodeError "
-                   "escape for a file that is not UTF-8; remove this mark when it raises ConfigError")
 @FUZZ
 @given(st.binary(max_size=300), st.sampled_from([".yaml", ".json"]))
 def test_twin_config_file_bytes(tmp_path_factory: pytest.TempPathFactory, raw: bytes, suffix: str) -> None:
@@ -156,11 +154,13 @@ def test_twin_config_errors_never_echo_a_password(password: Any) -> None:
         assert SECRET not in str(exc) and str(password) not in str(exc), exc
 
 
-@pytest.mark.xfail(strict=True, reason="gap in twin/config.py (reported): TwinConfig's repr shows mqtt={'password': "
-                   "...}; remove this mark when its repr hides the password")
 def test_twin_config_repr_hides_secrets() -> None:
-    doc = {**TWIN_EXAMPLE, "mqtt": {"username": "_twin", "password": SECRET}}
+    doc = {**TWIN_EXAMPLE, "mqtt": {"username": "_twin", "password": SECRET},
+           "influx": {"url": "http://127.0.0.1:8086", "token": SECRET + "tok"}}
     config = TwinConfig.from_dict(doc)
-    assert config.mqtt_settings.password == SECRET
+    assert config.mqtt_settings.password == SECRET and config.influx is not None
+    assert config.influx.token == SECRET + "tok"
     assert SECRET not in repr(config) and SECRET not in str(config)
+    in_url = TwinConfig.from_dict({"broker": f"mqtts://_twin:{SECRET}@127.0.0.1:8883"})
+    assert in_url.mqtt_settings.password == SECRET and SECRET not in repr(in_url)
     assert SECRET not in json.dumps(repr(config.mqtt_settings))

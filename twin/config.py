@@ -62,7 +62,7 @@ def _positive(name: str, value: Any, *, allow_zero: bool = False) -> None:
 @dataclass(frozen=True)
 class InfluxConfig:
     url: str = "http://127.0.0.1:8086"
-    token: str = ""
+    token: str = field(default="", repr=False)  # a secret: never in logs
     org: str = "forgeline"
     bucket: str = "forgeline"
     batch_size: int = 5000
@@ -138,6 +138,17 @@ class TwinConfig:
         if self.metrics_port is not None and not 0 <= self.metrics_port < 65536:  # 0: any free port
             raise ConfigError(f"metrics.port out of range: {self.metrics_port}")
 
+    def __repr__(self) -> str:  # never print secrets: mqtt.password, credentials in the broker URL
+        shown = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "mqtt":
+                value = {k: ("***" if k == "password" and v else v) for k, v in value.items()}
+            elif f.name == "broker" and isinstance(value, str) and "@" in value:
+                value = f"{value.partition('://')[0]}://***@{value.rpartition('@')[2]}"
+            shown.append(f"{f.name}={value!r}")
+        return f"TwinConfig({', '.join(shown)})"
+
     @property
     def mqtt_settings(self) -> MqttSettings:
         return MqttSettings.from_url(self.broker, **{"client_id": self.worker_id, **self.mqtt})
@@ -190,9 +201,11 @@ class TwinConfig:
         """Read a YAML or JSON file; raise :class:`ConfigError` naming the file and the problem."""
         path = Path(path)
         try:
-            text = path.read_text()
+            text = path.read_text(encoding="utf-8")
         except OSError as exc:
             raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
         try:
             if path.suffix == ".json":
                 doc = json.loads(text)
