@@ -118,7 +118,8 @@ FORBIDDEN_PUBLISH = [
     (ACME, lambda: topics.twin_handoff_topic(uuid.uuid4().hex[:8]), "a twin handoff (forged original topic)"),
     (ACME, lambda: topics.twin_worker_topic(uuid.uuid4().hex[:8]), "twin worker membership"),
     ("_routing", lambda: topics.twin_handoff_topic("w1"), "a platform service forging a twin handoff"),
-    (ACME, lambda: f"fl/v1/_customers/{CUST1}/orders", "a customer's level"),
+    (ACME, lambda: topics.order_submit_topic(CUST1), "a customer's orders"),
+    (ACME, lambda: topics.quote_response_topic(CUST1, "c"), "a customer's quotes"),
     (ACME, lambda: f"fl/v1/{ACME}@gw2/telemetry/s/a/d", "a tenant named after a gateway account"),
     (ACME, lambda: "fl/v2/anything", "outside the contract"),
     (ACME, lambda: "$SYS/broker/uptime", "$SYS"),
@@ -213,16 +214,25 @@ def test_customers_see_only_their_own_level(secure: SecureBroker, ops: Probe) ->
     c2 = probe(secure.settings(f"_customer@{CUST2}"))
     routing = probe(secure.settings("_routing"))
     try:
-        c1.subscribe("#", f"fl/v1/_customers/{CUST1}/#", f"fl/v1/_customers/{CUST2}/#", "fl/v1/+/twin/#")
-        assert c2.publish(f"fl/v1/_customers/{CUST2}/orders", b"c2-order") == 0
-        assert c2.publish(f"fl/v1/_customers/{CUST1}/orders", b"c2-into-c1") == NOT_AUTHORIZED
+        # c2's order status exists (retained) before c1 tries to read every level
+        assert routing.publish(topics.order_status_topic(CUST2, "o2"), b"c2-status", retain=True) == 0
+        ops.wait_topic(topics.order_status_topic(CUST2, "o2"), b"c2-status")
+        c1.subscribe("#", topics.customer_filter(CUST1), topics.customer_filter(CUST2), topics.customer_filter(),
+                     "fl/v1/+/twin/#")
+        # requests and orders are the only things a customer writes, and only on its own level
+        assert c2.publish(topics.order_submit_topic(CUST2), b"c2-order") == 0
+        assert c2.publish(topics.quote_request_topic(CUST2), b"c2-quote") == 0
+        assert c2.publish(topics.order_submit_topic(CUST1), b"c2-into-c1") == NOT_AUTHORIZED
+        assert c2.publish(topics.order_status_topic(CUST2, "o2"), b"forged-status") == NOT_AUTHORIZED
+        assert c2.publish(topics.quote_response_topic(CUST1, "c"), b"forged-quote") == NOT_AUTHORIZED
         assert c2.publish(topics.routing_request_topic(), b"c2-routing") == NOT_AUTHORIZED
         assert c2.publish(dev(ACME).telemetry_topic, b"c2-telemetry") == NOT_AUTHORIZED
         assert routing.publish(dev(ACME).twin_topic, b"x") == NOT_AUTHORIZED
-        ops.wait_topic(f"fl/v1/_customers/{CUST2}/orders", b"c2-order")
-        assert routing.publish(f"fl/v1/_customers/{CUST1}/quotes/q1", b"quote") == 0
-        c1.wait_topic(f"fl/v1/_customers/{CUST1}/quotes/q1", b"quote")
-        assert [m[0] for m in c1.messages] == [f"fl/v1/_customers/{CUST1}/quotes/q1"] * len(c1.messages)
+        ops.wait_topic(topics.order_submit_topic(CUST2), b"c2-order")
+        # the sentinel: a quote for c1, delivered after everything above
+        assert routing.publish(topics.quote_response_topic(CUST1, "q1"), b"quote") == 0
+        c1.wait_topic(topics.quote_response_topic(CUST1, "q1"), b"quote")
+        assert {m[0] for m in c1.messages} == {topics.quote_response_topic(CUST1, "q1")}
     finally:
         for p in (c1, c2, routing):
             p.close()

@@ -112,15 +112,6 @@ OPERATOR_READ_ALL = ("#", "$SYS/#")
 # The service accounts of a standard deployment; broker/acl is rendered for these.
 STANDARD_ACCOUNTS = ("_twin", "_routing", "_quotes", "_loop", "_ops")
 
-# The customer topic level (fl/v1/_customers/{customer}/...) is being added to the contract by the
-# routing work; until its channels are in topics.TOPICS, these filters keep customers working:
-# a customer reads and writes below its own level and platform services read and write all of it.
-CUSTOMERS_ROOT = getattr(topics, "CUSTOMERS", "_customers")
-
-
-def customer_scope_filter(customer: str) -> str:
-    return f"{topics.PREFIX}/{CUSTOMERS_ROOT}/{customer}/#"
-
 
 _PARAM = re.compile(r"^\{([a-z_]+)\}$")
 
@@ -226,10 +217,6 @@ def grants(role: Role, scope: str) -> list[tuple[str, str]]:
         )
         if access:
             out.append((access, channel_filter(spec, scope if kind else "+")))
-    if role is Role.CUSTOMER and "customer" not in {_scoped(s) for s in channels.values()}:
-        out.append(("readwrite", customer_scope_filter(scope)))
-    if role is Role.PLATFORM and "customer" not in {_scoped(s) for s in channels.values()}:
-        out.append(("readwrite", customer_scope_filter("+")))
     if role is Role.OPERATOR:
         out += [("read", f) for f in OPERATOR_READ_ALL]
     return out
