@@ -92,9 +92,12 @@ def test_customers_and_factories_see_only_their_own(secure: SecureBroker) -> Non
             customer = C1 if name == "c1" else C2
             sentinel = {"correlation_id": "s", "client_id": "web", "parts": [order["parts"][0]]}  # type: ignore[index]
             assert _accepted(p.publish(topics.quote_request_topic(customer), json.dumps(sentinel).encode()))
-            p.wait_for(lambda ms, c=customer: any(t == topics.quote_response_topic(c, "web") and
-                                                   json.loads(pl)["correlation_id"] == "s" for t, pl, _ in ms),
-                       timeout=20)
+            answer_topic = topics.quote_response_topic(customer, "web")
+
+            def answered(ms: list[tuple[str, bytes, bool]], topic: str = answer_topic) -> bool:
+                return any(t == topic and json.loads(pl)["correlation_id"] == "s" for t, pl, _ in ms)
+
+            p.wait_for(answered, timeout=20)
         for name, p, own in (("c1", c1, C1), ("c2", c2, C2)):
             foreign = [t for t, _, _ in p.messages if not t.startswith(f"fl/v1/_customers/{own}/")]
             assert foreign == [], f"{name} saw {sorted(set(foreign))[:5]}"
