@@ -105,7 +105,7 @@ class CycleResult:
     historical_means: list[tuple[int, int, int, float]] = field(default_factory=list)  # device, slot, t_us, mean
 
 
-@dataclass
+@dataclass(slots=True)
 class _Pending:
     topic: str
     device: Device
@@ -314,37 +314,45 @@ class Ingestor:
     def _ingest_batches(self, batches: list[_Pending], columns: Columns, now: float, result: CycleResult) -> None:
         max_channel, max_offset = columns.check()
         n = len(batches)
-        live = np.zeros(n, dtype=np.bool_)
-        historical = np.zeros(n, dtype=np.bool_)
-        skew_us = self.config.max_clock_skew_s * 1e6
-        now_us = now * 1e6
+        # the checks of every batch at once; the loop below only looks at the few that fail
+        table_sizes = np.fromiter((b.slots.shape[0] for b in batches), dtype=np.int64, count=n)
+        starts = np.fromiter((b.header[4] for b in batches), dtype=np.int64, count=n)
+        bad_channel = max_channel >= table_sizes  # an empty batch reports -1
+        future = (starts + max_offset) - int(now * 1e6) > int(self.config.max_clock_skew_s * 1e6)
+        rejected = (bad_channel | future).tolist()
+        live_list = [False] * n
+        historical_list = [False] * n
+        counters = self.counters
+        touched = result.touched
         for i, batch in enumerate(batches):
-            flags, epoch, seq, count, t_base = batch.header
-            if count and max_channel[i] >= batch.slots.shape[0]:
-                self._dead(result, batch.topic, f"TelemetryError: channel index {max_channel[i]} not in the channel "
-                           f"table of {batch.slots.shape[0]}", batch.payload, batch.device.ref.tenant, now)
-                continue
-            if t_base + max_offset[i] - now_us > skew_us:
-                self._dead(result, batch.topic, "TelemetryError: clock skew: samples more than "
-                           f"{self.config.max_clock_skew_s:.0f} s in the future", batch.payload,
-                           batch.device.ref.tenant, now)
+            flags, epoch, seq, count, _t_base = batch.header
+            if rejected[i]:
+                if bad_channel[i]:
+                    reason = (f"TelemetryError: channel index {max_channel[i]} not in the channel table of "
+                              f"{batch.slots.shape[0]}")
+                else:
+                    reason = (f"TelemetryError: clock skew: samples more than {self.config.max_clock_skew_s:.0f} s "
+                              "in the future")
+                self._dead(result, batch.topic, reason, batch.payload, batch.device.ref.tenant, now)
                 continue
             verdict = batch.runtime.sequences.admit(epoch, seq)
             if verdict is Verdict.DUPLICATE:
-                self.counters.batches_duplicate += 1
-                result.touched.add(batch.device.index)  # its duplicate count changed
+                counters.batches_duplicate += 1
+                touched.add(batch.device.index)  # its duplicate count changed
                 continue
             if verdict is Verdict.STALE_EPOCH:
                 self._dead(result, batch.topic, f"stale epoch: epoch {epoch} is older than every epoch still "
                            "tracked for this device", batch.payload, batch.device.ref.tenant, now)
                 continue
             if flags & telemetry.FLAG_HISTORICAL:
-                historical[i] = True
-                self.counters.batches_historical += 1
+                historical_list[i] = True
+                counters.batches_historical += 1
             else:
-                live[i] = True
+                live_list[i] = True
             batch.runtime.samples += count
-            result.touched.add(batch.device.index)
+            touched.add(batch.device.index)
+        live = np.array(live_list, dtype=np.bool_)
+        historical = np.array(historical_list, dtype=np.bool_)
         self._ensure_capacity()
         for use, is_historical in ((live, False), (historical, True)):
             if not use.any():

@@ -237,8 +237,8 @@ class TwinService:
                 log.exception("twin %s: ingest cycle failed", self.worker_id)
             finally:
                 self._ingest_lock.release()
-        if self._inbox and not self._wake.is_set():
-            self._wake.set()
+        if len(self._inbox) == 1 and not self._wake.is_set():
+            self._wake.set()  # the first message waiting: the ingest thread takes it if no other follows
 
     def stop(self, *, snapshot: bool = True) -> None:
         """Process what has arrived, take a final snapshot, disconnect (idempotent)."""
@@ -273,16 +273,21 @@ class TwinService:
         spacing = self.config.cycle_interval_s
         while True:
             self._wake.wait(0.05)
-            # Let a few messages gather: each cycle has a fixed cost (kernel calls, allocations), so
-            # many tiny cycles would spend the CPU the paho thread needs to receive.
-            pause = self._last_cycle_start + spacing - time.monotonic()
+            # While messages keep coming, the network thread runs the cycles itself; this thread
+            # steps in only for what is left when they stop (after two intervals), and for the
+            # periodic work. Two threads taking turns would fight over the GIL.
+            pause = self._last_cycle_start + 2 * spacing - time.monotonic()
             if pause > 0 and len(self._inbox) < self.config.cycle_max_messages and not self._stopping.is_set():
                 time.sleep(pause)
-            self._last_cycle_start = time.monotonic()
             self._wake.clear()
             try:
                 with self._ingest_lock:
-                    worked = self._cycle()
+                    worked = False
+                    if self._inbox and (time.monotonic() - self._last_cycle_start >= 2 * spacing
+                                        or self._stopping.is_set()
+                                        or len(self._inbox) >= self.config.cycle_max_messages):
+                        self._last_cycle_start = time.monotonic()
+                        worked = self._cycle()
                     self._periodic()
             except Exception:  # keep ingesting: a bug in one cycle must not stall the twin for months
                 log.exception("twin %s: ingest cycle failed", self.worker_id)
