@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -70,3 +71,41 @@ def test_route_against_the_live_twin(fresh_mosquitto: RunningBroker, capsys: pyt
     assert code == 1 and "ignoring fl/v1/acme/twin/s1/h1/junk" in captured.err
     reasons = {r["part_id"]: r["reason"] for r in document["rejected"]}
     assert "no printer runs Standard-Resin" in reasons["lens-holder"]
+
+
+def test_route_with_the_real_twin_query_api(mqtt_settings: MqttSettings, tenant: str, tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """The fleet comes from the twin service's list_devices / get_twin answers for the tenant."""
+    from twin_support import Publisher, batch, birth, twin_config
+
+    from twin.service import TwinService
+
+    service = TwinService(twin_config(mqtt_settings, tenant)).start()
+    publisher = Publisher(mqtt_settings)
+    try:
+        printer, station = DeviceRef(tenant, "s1", "h1", "mjf-1"), DeviceRef(tenant, "s1", "line", "st-1")
+        publisher.birth(printer, birth("MJF", channels=("state",), materials=["PA12"], build_volume_mm=[380, 284, 380],
+                                       part_spacing_mm=3, cost_per_hour=30))
+        publisher.birth(station, birth("line", channels=("state",)))
+        for ref in (printer, station):
+            publisher.publish(ref.telemetry_topic, batch(0, channels=("state",), state=1))
+        order = tmp_path / "order.json"
+        order.write_text(json.dumps({"order_id": "o1", "parts": [
+            {"part_id": "bracket", "technology": "MJF", "material": "PA12", "bbox_mm": [60, 40, 20],
+             "volume_cm3": 12, "quantity": 3}]}))
+        url = f"mqtt://{mqtt_settings.host}:{mqtt_settings.port}"
+        deadline = time.monotonic() + 15
+        while True:  # the twin answers once it has registered the devices
+            code = main(["route", str(order), "--broker", url, "--twin-api", tenant, "--now", NOW])
+            out = capsys.readouterr().out
+            if code == 0 or time.monotonic() > deadline:
+                break
+            time.sleep(0.3)
+        document = json.loads(out)
+        assert code == 0 and {a["printer"] for a in document["assignments"]} == {printer.key}
+        assert main(["route", str(order), "--broker", url, "--twin-api", "nosuchtenant", "--wait", "0.5",
+                     "--now", NOW]) == 2
+        assert "did not answer" in capsys.readouterr().err
+    finally:
+        publisher.close()
+        service.stop()

@@ -4,6 +4,7 @@ Examples::
 
     forgeline route docs/examples/order.json --fleet docs/examples/fleet.json
     forgeline route order.json --broker mqtt://127.0.0.1:1883          # fleet from retained twin/status
+    forgeline route order.json --broker mqtt://127.0.0.1:1883 --twin-api acme,beta   # the twin query API
     forgeline route --serve --broker mqtt://127.0.0.1:1883              # the MQTT routing service
 
 The routing response (assignments with explanations, rejected parts with reasons, builds) is
@@ -33,7 +34,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--broker", help="broker URL, e.g. mqtt://127.0.0.1:1883 (live twin and status topics)")
     parser.add_argument("--username", help="broker username (a platform account such as _routing)")
     parser.add_argument("--password", help="broker password")
-    parser.add_argument("--wait", type=float, default=2.0, help="seconds to collect retained fleet messages")
+    parser.add_argument("--wait", type=float, default=2.0,
+                        help="seconds to collect retained fleet messages (or to wait for each twin API answer)")
+    parser.add_argument("--twin-api", metavar="TENANTS",
+                        help="with --broker: ask the twin query API of these tenants (comma-separated) for the "
+                             "fleet instead of reading retained topics")
     parser.add_argument("--config", help="routing config (YAML/JSON): weights, release rules, materials")
     parser.add_argument("--now", type=float, help="routing time, seconds since the epoch (default: now)")
     parser.add_argument("--no-keep-open", action="store_true", help="release every build at once")
@@ -72,6 +77,62 @@ def fleet_from_broker(settings: MqttSettings, wait_s: float) -> tuple[Fleet, dic
         return builder.fleet(), dict(builder.problems)
 
 
+class TwinApiError(RuntimeError):
+    """The twin query API did not answer, or answered with an error."""
+
+
+def fleet_from_twin_api(settings: MqttSettings, tenants: list[str], timeout_s: float = 5.0) -> Fleet:
+    """Ask the twin's query API of each tenant (``list_devices``, then ``get_twin`` per printer) for the
+    fleet: the twin's own view, capabilities included, rather than whatever is retained on the broker."""
+    import uuid
+
+    client_id = f"route-{uuid.uuid4().hex[:8]}"
+    answers: dict[str, dict[str, Any]] = {}
+    cond = threading.Condition()
+    client = connect(settings)
+
+    def on_message(_c: Any, _u: Any, msg: Any) -> None:
+        try:
+            document = schemas.loads("api_response", bytes(msg.payload))
+        except schemas.PayloadError:
+            return
+        with cond:
+            answers[document["correlation_id"]] = document
+            cond.notify_all()
+
+    def ask(tenant: str, method: str, **fields: Any) -> Any:
+        correlation_id = uuid.uuid4().hex
+        request = {"correlation_id": correlation_id, "client_id": client_id, **fields}
+        client.publish(topics.api_request_topic(tenant, method), schemas.dumps(request), qos=1)
+        with cond:
+            if not cond.wait_for(lambda: correlation_id in answers, timeout_s):
+                raise TwinApiError(f"the twin did not answer {method} for tenant {tenant!r} within {timeout_s:g} s")
+            answer = answers.pop(correlation_id)
+        if not answer["ok"]:
+            raise TwinApiError(f"twin {method} for tenant {tenant!r}: {answer.get('error')}")
+        return answer.get("result")
+
+    client.on_message = on_message
+    subscribed = threading.Event()
+    client.on_subscribe = lambda *_a: subscribed.set()
+    try:
+        client.subscribe([(topics.api_response_topic(t, client_id), 1) for t in tenants])
+        if not subscribed.wait(10):
+            raise TwinApiError("no SUBACK for the twin API response topics")
+        builder = FleetBuilder()
+        for tenant in tenants:
+            for row in ask(tenant, "list_devices") or []:
+                if row.get("technology") in (None, "line"):
+                    continue
+                twin = ask(tenant, "get_twin", device=row["device"])
+                ref = topics.DeviceRef(tenant, *str(row["device"]).split("/"))
+                builder.apply(ref.twin_topic, twin)
+        return builder.fleet()
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
 def _settings(args: argparse.Namespace) -> MqttSettings:
     overrides: dict[str, Any] = {}
     if args.username:
@@ -99,6 +160,12 @@ def run(args: argparse.Namespace) -> int:
     except OrderError as exc:
         print(f"forgeline route: {exc}", file=sys.stderr)
         return 2
+    if fleet is None and args.twin_api:
+        try:
+            fleet = fleet_from_twin_api(_settings(args), [t for t in args.twin_api.split(",") if t], args.wait)
+        except (MqttError, ValueError, TwinApiError) as exc:
+            print(f"forgeline route: {exc}", file=sys.stderr)
+            return 2
     if fleet is None:
         try:
             fleet, problems = fleet_from_broker(_settings(args), args.wait)
