@@ -209,6 +209,20 @@ def test_the_loop_reads_units_and_feedback_of_every_tenant_and_writes_insights(
     ops.wait_topic(topics.insights_topic(BETA, "MW-20"), b"insights")
 
 
+def test_platform_services_do_not_read_twin_scale_out_topics(clients: dict[str, Probe], ops: Probe) -> None:
+    """``fl/v1/+/twin/#`` (twin state of every tenant) would also match ``fl/v1/_sys/twin/...`` (worker
+    membership and handoffs carrying raw telemetry): the ACL denies those to platform services."""
+    routing, twin = clients["_routing"], clients["_twin"]
+    routing.subscribe("fl/v1/+/twin/#", "fl/v1/_sys/#")
+    assert twin.publish(topics.twin_handoff_topic("w1"), b"raw-telemetry") == 0
+    assert twin.publish(topics.twin_worker_topic("w1"), b"membership") == 0
+    ops.wait_topic(topics.twin_worker_topic("w1"), b"membership")
+    sentinel = dev(ACME)
+    assert twin.publish(sentinel.twin_topic, b"state") == 0
+    routing.wait_topic(sentinel.twin_topic, b"state")
+    assert not routing.received(lambda t: t.startswith("fl/v1/_sys/"))
+
+
 def test_customers_see_only_their_own_level(secure: SecureBroker, ops: Probe) -> None:
     c1 = probe(secure.settings(f"_customer@{CUST1}"))
     c2 = probe(secure.settings(f"_customer@{CUST2}"))

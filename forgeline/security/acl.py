@@ -157,8 +157,8 @@ def principal_for(username: str) -> Principal:
 
 def channel_filter(spec: TopicSpec, scope: str) -> str:
     """The ACL topic filter for one channel: ``{tenant}`` becomes ``scope`` (``%u``, a tenant or ``+``),
-    other parameters become ``+``, and trailing parameters collapse into ``#`` so that a client may
-    subscribe with ``#`` below a fixed level without being refused."""
+    other parameters become ``+``, and trailing parameters collapse into ``#`` (so that a client may
+    subscribe with ``#`` below a fixed level) where that reaches no other channel."""
     levels = spec.address.split("/")
     out: list[str] = []
     for level in levels:
@@ -171,12 +171,17 @@ def channel_filter(spec: TopicSpec, scope: str) -> str:
             out.append(scope)
         else:
             out.append("+")
-    # Collapse a tail of '+' levels into '#', keeping at least fl/v1/<scope>.
+    # Collapse a tail of '+' levels into '#', keeping at least fl/v1/<scope> -- unless the wider
+    # filter would reach another channel (orders/# would also cover the order submissions at orders).
     fixed = len(out)
     while fixed > 3 and out[fixed - 1] == "+":
         fixed -= 1
     if fixed < len(out):
-        out = [*out[:fixed], "#"]
+        collapsed = "/".join([*out[:fixed], "#"])
+        exact = "/".join(out)
+        others = [_sample_topic(other) for other in topics.TOPICS if other.name != spec.name]
+        if not any(topics.matches(collapsed, t) and not topics.matches(exact, t) for t in others):
+            return collapsed
     return "/".join(out)
 
 
@@ -222,6 +227,42 @@ def grants(role: Role, scope: str) -> list[tuple[str, str]]:
     return out
 
 
+RESERVED_ROOTS = (topics.SYSTEM, topics.PLATFORM)
+
+
+def _sample_topic(spec: TopicSpec) -> str:
+    return "/".join("x1" if _PARAM.match(level) else level for level in spec.address.split("/"))
+
+
+def denials(role: Role) -> list[str]:
+    """Filters denied to ``role`` outright (Mosquitto checks denials first).
+
+    A global role's ``fl/v1/+/twin/#`` also matches ``fl/v1/_sys/twin/...``: the ``+`` takes the
+    reserved root for a tenant. Every channel under a reserved root that a grant reaches this way,
+    and on which the role has no right, is denied; a partial right that a grant would widen cannot
+    be expressed and is an error.
+    """
+    if role in (Role.FACTORY, Role.CUSTOMER, Role.OPERATOR):
+        return []  # scoped roles never use '+' for the tenant; operators read everything on purpose
+    granted = grants(role, "+")
+    read, write = RIGHTS[role]
+    out: list[str] = []
+    for name, spec in _channels().items():
+        if spec.address.split("/")[2] not in RESERVED_ROOTS:
+            continue
+        sample = _sample_topic(spec)
+        reaches = {access for access, flt in granted if topics.matches(flt, sample)}
+        wanted = {"read"} if name in read else set()
+        wanted |= {"write"} if name in write else set()
+        reached = {a for access in reaches for a in (("read", "write") if access == "readwrite" else (access,))}
+        if reached <= wanted:
+            continue
+        if wanted:
+            raise AclError(f"{role}: grants reach {name!r} beyond its rights and a denial would remove them")
+        out.append(channel_filter(spec, "+"))
+    return out
+
+
 def uncovered_channels() -> list[str]:
     """Channels of the contract that no role may publish or no role may read (should be empty)."""
     written = set().union(*(w for _, w in RIGHTS.values()))
@@ -250,5 +291,6 @@ def render_acl(usernames: Iterable[str] = ()) -> str:
             continue  # covered by the patterns
         lines += ["", f"# {principal.role}" + (f" ({principal.scope})" if principal.scope else ""),
                   f"user {username}"]
+        lines += [f"topic deny {flt}" for flt in denials(principal.role)]
         lines += [f"topic {access} {flt}" for access, flt in grants(principal.role, principal.scope or "+")]
     return "\n".join(lines) + "\n"
