@@ -169,3 +169,33 @@ def test_bad_and_foreign_orders_are_refused_on_the_senders_level(
     assert other.messages == []  # nothing went to the customer the payload named
     assert service.counters.refused == 2
     other.close()
+
+
+def test_end_to_end_with_a_real_edge_agent(
+    settings: MqttSettings, stack: tuple[RoutingService, CustomerService, Agents, Subscriber, Clock]
+) -> None:
+    """Customer order -> routing -> dispatch_job to a simulated printer in the real edge agent, which
+    acknowledges, prints (job_started / job_finished events) -> the customer sees it through to done."""
+    from edge_agent import FleetSpec, PrinterSpec, start_simulated_fleet, wait_connected
+
+    routing, service, stand_in, customer, clock = stack
+    stand_in.close()  # the real agent answers this time
+    fleet = FleetSpec("acme", "plant", "hall", (PrinterSpec("mjf-01", "MJF", materials=("PA12",)),), ())
+    agent = start_simulated_fleet(settings, fleet, speed=2000, rate_hz=2, auto_jobs=False)
+    try:
+        assert wait_connected(agent)
+        wait_until(lambda: len(routing.router.fleet) == 1)
+        time.sleep(0.3)  # the agent's command subscription follows its CONNACK
+        order_topic = topics.order_status_topic(CUSTOMER, "o-900")
+        submit(customer, {"order_id": "o-900", "due_ts": clock.now + 5 * DAY, "parts": [
+            {"part_id": "bracket", "technology": "MJF", "material": "PA12", "bbox_mm": [40, 30, 10],
+             "volume_cm3": 4, "quantity": 3}]})
+        wait_until(lambda: routing.counters.acknowledged == 1, timeout=20)
+        customer.wait_doc(order_topic, lambda d: d["status"] in ("printing", "post_processing"), timeout=30)
+        finished = customer.wait_doc(order_topic, lambda d: d["status"] == "post_processing", timeout=60)
+        clock.now = finished["eta_ts"] + 1
+        service.tick_now()
+        done = customer.wait_doc(order_topic, lambda d: d["status"] == "done")
+        assert done["units_done"] == 3 and done["factories"] == 1
+    finally:
+        agent.stop()
