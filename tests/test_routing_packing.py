@@ -130,8 +130,8 @@ def test_dense_instance_fills_well() -> None:
     # Many small parts in a chamber: bounding-box fill well above what a loose packing reaches.
     rng = random.Random(3)
     items = [(f"p{i}", _orientations((rng.uniform(10, 40), rng.uniform(10, 40), rng.uniform(5, 20)), True))
-             for i in range(600)]
-    builds, _ = pack_first_fit(items, (200, 200, 100), 2.0)
+             for i in range(300)]
+    builds, _ = pack_first_fit(items, (160, 160, 80), 2.0)
     assert check_build(builds[0]) == []
     assert builds[0].fill > 0.6
 
