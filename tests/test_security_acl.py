@@ -149,6 +149,34 @@ def test_every_role_gets_exactly_its_rights_on_every_channel(username: str, scop
         assert can_read == expected_read, (username, spec.name, "read", topic)
 
 
+customer_names = st.sampled_from([*sorted(topics._tenant_topic_words()), "bigco"]) | tenant_names
+
+
+@settings(max_examples=60, deadline=None)
+@given(customer_names)
+def test_no_service_grant_reaches_a_customer_level_beyond_its_rights(customer: str) -> None:
+    """Global grants use '+' for the tenant, which also matches the ``_customers`` root; a customer
+    named like a tenant topic kind ('feedback') would put its level under a service's
+    ``fl/v1/+/feedback/...`` grant. Such names are refused; every other name is out of reach."""
+    try:
+        topics.check_customer(customer)
+    except topics.TopicError:
+        assert customer in topics._tenant_topic_words()  # the names drawn here are valid tenant names
+        with pytest.raises(AclError):
+            principal_for(f"_customer@{customer}")
+        return
+    for username in ("_twin", "_loop", "_routing"):
+        role = principal_for(username).role
+        read, write = acl.RIGHTS[role]
+        text = render_acl([username])
+        for spec in topics.TOPICS:
+            if "{customer}" not in spec.address:
+                continue
+            topic = _sample_topic(spec.address, customer)
+            assert _allowed(text, username, topic, "write") == (spec.name in write), (username, spec.name, topic)
+            assert _allowed(text, username, topic, "read") == (spec.name in read), (username, spec.name, topic)
+
+
 def test_service_accounts_get_nothing_from_the_tenant_patterns() -> None:
     """%u for a service account or a customer expands to a level no tenant can have."""
     for username in ("_twin", "_routing", "_customer@bigco", "acme@gw2", "_ops"):

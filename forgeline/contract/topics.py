@@ -68,6 +68,22 @@ def check_tenant(tenant: str) -> str:
     return tenant
 
 
+def check_customer(customer: str) -> str:
+    """A customer name: the tenant rules, and not a word that follows the tenant in a tenant's topics
+    (``status``, ``twin``, ``feedback``...): otherwise a service's ``fl/v1/+/feedback/...`` filter
+    would also reach ``fl/v1/_customers/feedback/...``, the level of a customer named so."""
+    check_tenant(customer)
+    if customer in _tenant_topic_words():
+        words = ", ".join(sorted(_tenant_topic_words()))
+        raise TopicError(f"invalid customer {customer!r}: it is a topic kind ({words})")
+    return customer
+
+
+def _tenant_topic_words() -> frozenset[str]:
+    # The level after {tenant} in every tenant-scoped channel of the catalog (TOPICS, below).
+    return frozenset(spec.address.split("/")[3] for spec in TOPICS if spec.address.split("/")[2] == "{tenant}")
+
+
 class Kind(StrEnum):
     """The kinds of device-scoped topic (the level after the tenant)."""
 
@@ -176,7 +192,7 @@ class ParsedTopic:
 def _parse_customer(topic: str, rest: list[str]) -> ParsedTopic:
     if not rest:
         raise TopicError(f"a customer topic needs a customer level: {topic!r}")
-    customer, tail = check_tenant(rest[0]), rest[1:]
+    customer, tail = check_customer(rest[0]), rest[1:]
     if tail == ["quote", "request"]:
         return ParsedTopic("quote_request", None, customer=customer)
     if len(tail) == 2 and tail[0] == "quotes":
@@ -268,19 +284,19 @@ def routing_response_topic(client_id: str) -> str:
 
 
 def quote_request_topic(customer: str) -> str:
-    return f"{PREFIX}/{CUSTOMERS}/{check_tenant(customer)}/quote/request"
+    return f"{PREFIX}/{CUSTOMERS}/{check_customer(customer)}/quote/request"
 
 
 def quote_response_topic(customer: str, client_id: str) -> str:
-    return f"{PREFIX}/{CUSTOMERS}/{check_tenant(customer)}/quotes/{check_ident(client_id, 'client id')}"
+    return f"{PREFIX}/{CUSTOMERS}/{check_customer(customer)}/quotes/{check_ident(client_id, 'client id')}"
 
 
 def order_submit_topic(customer: str) -> str:
-    return f"{PREFIX}/{CUSTOMERS}/{check_tenant(customer)}/orders"
+    return f"{PREFIX}/{CUSTOMERS}/{check_customer(customer)}/orders"
 
 
 def order_status_topic(customer: str, order_id: str) -> str:
-    return f"{PREFIX}/{CUSTOMERS}/{check_tenant(customer)}/orders/{check_ident(order_id, 'order id')}"
+    return f"{PREFIX}/{CUSTOMERS}/{check_customer(customer)}/orders/{check_ident(order_id, 'order id')}"
 
 
 def part_status_topic(customer: str, order_id: str, part: str) -> str:
@@ -302,14 +318,14 @@ def part_key(part_id: str) -> str:
 
 
 def customer_events_topic(customer: str) -> str:
-    return f"{PREFIX}/{CUSTOMERS}/{check_tenant(customer)}/events"
+    return f"{PREFIX}/{CUSTOMERS}/{check_customer(customer)}/events"
 
 
 def customer_filter(customer: str = "+", what: str = "#") -> str:
     """A filter below one customer's level (or every customer's with ``+``): ``#``, ``orders``, ``orders/#``,
     ``quote/request``, ``events``."""
     if customer != "+":
-        check_tenant(customer)
+        check_customer(customer)
     return f"{PREFIX}/{CUSTOMERS}/{customer}/{what}"
 
 

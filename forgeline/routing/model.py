@@ -236,7 +236,7 @@ def parse_order(doc: Mapping[str, Any]) -> Order:
     customer = doc.get("customer", "anonymous")
     try:
         order_id = topics.check_ident(str(order_id) if order_id is not None else "", "order_id")
-        customer = topics.check_tenant(customer)
+        customer = topics.check_customer(customer)
     except TopicError as exc:
         raise OrderError(str(exc)) from None
     raw_parts = doc.get("parts")

@@ -139,7 +139,7 @@ def principal_for(username: str) -> Principal:
             if not instance:
                 raise AclError(f"username {username!r}: a customer account is _customer@CUSTOMER")
             try:
-                topics.check_tenant(instance)  # a customer name follows the tenant rules
+                topics.check_customer(instance)
             except TopicError as exc:
                 raise AclError(f"username {username!r}: {exc}") from None
             return Principal(username, role, instance)
