@@ -232,3 +232,33 @@ def test_impossible_due_dates_still_route_as_early_as_possible() -> None:
     assert not result.rejected and {a.printer for a in result.assignments} == {mjf("m1").key}
     assert all(a["on_time"] is False for a in result.document()["assignments"])
     assert "late for its due date" in result.assignments[0].explanation
+
+
+def test_snapshot_and_restore_keep_every_accepted_part() -> None:
+    import json
+
+    from forgeline.routing.router import restore, snapshot
+
+    fleet = generate_fleet(30, seed=11, now=NOW)
+    router = Router(fleet)
+    router.route(generate_order(200, seed=12, now=NOW), NOW)
+    router.tick(NOW + 3600)
+    router.suspend(next(iter(fleet)).key, NOW + 900, "refused")
+    saved = json.loads(json.dumps(snapshot(router)))
+    again = Router(fleet)
+    restore(again, saved)
+    live = {b.build_id: b for b in router.builds.values() if b.status not in ("done", "failed")}
+    assert live.keys() == again.builds.keys() and again.open.keys() == router.open.keys()
+    for build_id, planned in live.items():
+        copy = again.builds[build_id]
+        assert copy.build.placements == planned.build.placements and copy.units.keys() == planned.units.keys()
+        assert copy.status == planned.status and check_build(copy.build) == []
+        assert copy.build.fill == pytest.approx(planned.build.fill)
+    assert again.unit_build == router.unit_build and again.suspended == router.suspended
+    for key, queue in router.queues.items():
+        assert [b.build_id for b in again.queues.get(key, [])] == [b.build_id for b in queue]
+    # both go on identically
+    later = generate_order(50, seed=13, now=NOW)
+    a, b = router.route(later, NOW + 7200), again.route(later, NOW + 7200)
+    assert [(x.unit_id, x.build_id, x.position_mm) for x in a.assignments] == \
+        [(x.unit_id, x.build_id, x.position_mm) for x in b.assignments]

@@ -224,3 +224,34 @@ def test_bad_requests_get_clear_answers(settings: MqttSettings, fleet_published:
     finally:
         service.stop()
         responses.close()
+
+
+def test_restart_keeps_accepted_parts_and_redispatches_unacknowledged_jobs(
+    settings: MqttSettings, fleet_published: paho.Client, tmp_path: Any
+) -> None:
+    state = str(tmp_path / "routing-state.json")
+    responses = Responses(settings)
+    first = RoutingService(settings, RoutingConfig(keep_open=False), dispatch_timeout_s=60, state_path=state)
+    first.start()
+    try:
+        _wait(lambda: len(first.router.fleet) == 3)
+        answer = responses.request("shop", order("o-7", 12))
+        assert answer["ok"] and len(answer["assignments"]) == 12  # accepted; no agent answers the job
+        build_id = answer["assignments"][0]["build_id"]
+        _wait(lambda: first.counters.dispatched >= 1)
+    finally:
+        first.stop()  # the process ends with the job unacknowledged
+    agents = Agents(settings, refuse=set())
+    second = RoutingService(settings, RoutingConfig(keep_open=False), dispatch_timeout_s=5, state_path=state)
+    assert second.router.builds[build_id].status == "released" and len(second.router.builds[build_id].units) == 12
+    second.start()
+    try:
+        agents.wait(lambda reqs: any(r["args"]["job_id"] == build_id for _, r in reqs))
+        _wait(lambda: second.router.builds[build_id].status == "dispatched")
+        # and the next build number continues, no id is reused
+        again = responses.request("shop", order("o-8", 2))
+        assert again["assignments"][0]["build_id"] != build_id
+    finally:
+        second.stop()
+        agents.close()
+        responses.close()

@@ -270,6 +270,26 @@ class Build:
         self._height = max(self._height, placement.top_mm)
         return placement
 
+    def place_at(self, item_id: str, position_mm: Vec3, size_mm: Vec3) -> Placement:
+        """Put a part back where a saved packing had it (restoring a build from a snapshot); refuses a
+        position that leaves the chamber or collides with the parts already there."""
+        corner = np.asarray(position_mm, dtype=np.float64)
+        extent = np.asarray(size_mm, dtype=np.float64) + self.spacing_mm
+        if not (np.all(np.isfinite(corner)) and np.all(corner >= -EPS) and np.all(extent > self.spacing_mm)
+                and np.all(corner + extent <= self._chamber_bound + EPS)):
+            raise ValueError(f"{item_id}: {position_mm} + {size_mm} does not fit the chamber {self.chamber_mm}")
+        if len(self._lower) and bool(np.any(np.all(corner < self._upper - EPS, axis=1)
+                                            & np.all(self._lower < corner + extent - EPS, axis=1))):
+            raise ValueError(f"{item_id}: {position_mm} collides with a placed part")
+        self._place(corner, extent)
+        placement = Placement(item_id, (float(corner[0]), float(corner[1]), float(corner[2])),
+                              (float(size_mm[0]), float(size_mm[1]), float(size_mm[2])))
+        self.placements.append(placement)
+        self._part_volume_mm3 += placement.size_mm[0] * placement.size_mm[1] * placement.size_mm[2]
+        self._inflated_volume_mm3 += float(np.prod(extent))
+        self._height = max(self._height, placement.top_mm)
+        return placement
+
     def _bound_volume(self) -> float:
         return float(self._bound[0] * self._bound[1] * self._bound[2])
 

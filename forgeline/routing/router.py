@@ -789,6 +789,82 @@ class Router:
         return self.open.values()
 
 
+# --- snapshot / restore ------------------------------------------------------------------------------
+
+SNAPSHOT_VERSION = 1
+
+
+def _part_doc(part: Any) -> dict[str, Any]:
+    return {"part_id": part.part_id, "bbox_mm": list(part.bbox_mm), "volume_cm3": part.volume_cm3,
+            "technology": part.technology, "material": part.material, "mass_g": part.mass_g,
+            "quantity": part.quantity, "due_ts": part.due_ts, "priority": part.priority,
+            "rotation": part.rotation.value}
+
+
+def snapshot(router: Router) -> dict[str, Any]:
+    """Everything the router must not forget across a restart: builds that are not done (with their
+    placements and units), the build counter and suspensions. JSON-ready."""
+    builds = []
+    for planned in router.builds.values():
+        if planned.status in ("done", "failed"):
+            continue
+        units = {}
+        for item_id, unit in planned.units.items():
+            units[item_id] = {"unit_id": unit.unit_id, "order_id": unit.order_id, "customer": unit.customer,
+                              "due_ts": unit.due_ts, "priority": unit.priority, "part": _part_doc(unit.part)}
+        builds.append({
+            "build_id": planned.build_id, "printer": planned.printer_key, "technology": planned.technology,
+            "material": planned.material, "opened_ts": planned.opened_ts, "status": planned.status,
+            "released_ts": planned.released_ts, "release_reason": planned.release_reason,
+            "expected_start_ts": planned.expected_start_ts, "expected_end_ts": planned.expected_end_ts,
+            "expected_ready_ts": planned.expected_ready_ts, "dispatch_result": planned.dispatch_result,
+            "chamber_mm": list(planned.build.chamber_mm), "spacing_mm": planned.build.spacing_mm,
+            "stacking": planned.build.stacking,
+            "placements": [{"item_id": p.item_id, "position_mm": list(p.position_mm), "size_mm": list(p.size_mm)}
+                           for p in planned.build.placements],
+            "units": units,
+        })
+    next_number = next(router._build_numbers)
+    router._build_numbers = itertools.count(next_number)
+    return {"version": SNAPSHOT_VERSION, "next_build": next_number, "builds": builds,
+            "suspended": {k: list(v) for k, v in router.suspended.items()}}
+
+
+def restore(router: Router, document: Mapping[str, Any]) -> None:
+    """Load a :func:`snapshot` into an empty router (builds keep their ids, placements and queue order)."""
+    from forgeline.routing.model import parse_part
+
+    if document.get("version") != SNAPSHOT_VERSION:
+        raise ConfigError(f"routing snapshot version {document.get('version')!r} is not {SNAPSHOT_VERSION}")
+    parts: dict[tuple[str, str], Any] = {}  # one Part object per order line, as routing made them
+    for doc in document["builds"]:
+        x, y, z = (float(v) for v in doc["chamber_mm"])
+        build = Build((x, y, z), float(doc["spacing_mm"]), stacking=bool(doc["stacking"]), build_id=doc["build_id"])
+        for p in doc["placements"]:
+            build.place_at(p["item_id"], tuple(p["position_mm"]), tuple(p["size_mm"]))
+        planned = PlannedBuild(doc["build_id"], doc["printer"], doc["technology"], doc["material"], build,
+                               doc["opened_ts"], status=doc["status"], released_ts=doc["released_ts"],
+                               release_reason=doc["release_reason"], expected_start_ts=doc["expected_start_ts"],
+                               expected_end_ts=doc["expected_end_ts"], expected_ready_ts=doc["expected_ready_ts"],
+                               dispatch_result=doc["dispatch_result"])
+        for item_id, u in doc["units"].items():
+            key = (u["order_id"], u["part"]["part_id"])
+            if key not in parts:
+                parts[key] = parse_part(u["part"])
+            unit = Unit(u["unit_id"], parts[key], u["order_id"], u["customer"], u["due_ts"], u["priority"])
+            planned.units[item_id] = unit
+            router.unit_build[(unit.order_id, unit.unit_id)] = planned.build_id
+        router.builds[planned.build_id] = planned
+        if planned.status == "open":
+            router.open[(planned.printer_key, planned.material)] = planned
+        elif planned.status in ("released", "dispatched", "printing"):
+            router.queues.setdefault(planned.printer_key, []).append(planned)
+    for queue in router.queues.values():  # the printer runs them in the order they were released
+        queue.sort(key=lambda b: (b.released_ts or 0.0, b.expected_start_ts or 0.0))
+    router._build_numbers = itertools.count(int(document.get("next_build", 1)))
+    router.suspended = {k: (float(v[0]), str(v[1])) for k, v in (document.get("suspended") or {}).items()}
+
+
 def result_json(result: RoutingResult, config: RoutingConfig | None = None) -> str:
     return json.dumps(result.document(config), indent=2)
 

@@ -27,7 +27,9 @@ Example::
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import queue
 import threading
 import time
@@ -43,7 +45,7 @@ from forgeline.contract.schemas import PayloadError
 from forgeline.contract.topics import DeviceRef, Kind, TopicError
 from forgeline.mqtt import MqttSettings, connect
 from forgeline.routing.model import Fleet, FleetBuilder, OrderError, parse_order
-from forgeline.routing.router import PlannedBuild, Router, RoutingConfig, RoutingResult
+from forgeline.routing.router import PlannedBuild, Router, RoutingConfig, RoutingResult, restore, snapshot
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +100,9 @@ class RoutingService:
     on_result: Callable[[RoutingResult], None] | None = None  # every routing and re-routing result
     on_build: Callable[[PlannedBuild], None] | None = None  # every build state change (released, acked, ...)
     counters: ServiceCounters = field(default_factory=ServiceCounters)
+    # Where the router's state (open and queued builds, their parts) is kept across restarts; written
+    # atomically after every change. None: in memory only (accepted parts die with the process).
+    state_path: str | None = None
 
     def __post_init__(self) -> None:
         self.builder = FleetBuilder()
@@ -111,6 +116,12 @@ class RoutingService:
         self._worker: threading.Thread | None = None
         self._stop = threading.Event()
         self.ready = threading.Event()
+        self._dirty = False
+        if self.state_path and os.path.exists(self.state_path):
+            with open(self.state_path, encoding="utf-8") as fh:
+                restore(self.router, json.load(fh))
+            # released but never acknowledged: send again (at least once; the job id is the build id)
+            self._to_dispatch = [b for b in self.router.builds.values() if b.status == "released"]
 
     # --- lifecycle ---------------------------------------------------------------------------------
 
@@ -166,11 +177,25 @@ class RoutingService:
                     self._handle(message)
                 if time.monotonic() >= next_tick:
                     next_tick = time.monotonic() + self.tick_s
-                    self.router.tick(time.time())
+                    if self.router.tick(time.time()):
+                        self._dirty = True
                 self._flush_dispatch()
                 self._check_timeouts()
+                if self._dirty:
+                    self._save()
             except Exception:  # a bug must not stop the service; it is logged with the message
                 log.exception("routing service: failed on %s", message.topic if message else "tick")
+
+    def _save(self) -> None:
+        self._dirty = False
+        if not self.state_path:
+            return
+        tmp = f"{self.state_path}.tmp"
+        with open(tmp, "w", encoding="utf-8") as fh:
+            json.dump(snapshot(self.router), fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.state_path)
 
     def _handle(self, message: _Message) -> None:
         try:
@@ -214,6 +239,9 @@ class RoutingService:
             return
         result = self.router.route(order, time.time(), dry_run=bool(request.get("dry_run", False)))
         self.counters.routed_units += len(result.assignments)
+        if not request.get("dry_run"):
+            self._dirty = True
+            self._save()  # before answering: an acknowledged routing survives a crash
         document = {"correlation_id": correlation_id, "ok": True, **result.document(self.config)}
         self._respond(client_id, document)
         if self.on_result is not None and not request.get("dry_run"):
@@ -247,6 +275,7 @@ class RoutingService:
         for pending in [p for p in self._pending.values() if p.build.printer_key == key]:
             self._pending.pop(pending.correlation_id, None)
         result = self.router.fail_printer(key, time.time(), reason)
+        self._dirty = True
         self.counters.reroutes += 1
         self._publish_event(result, f"reroute-{uuid.uuid4().hex[:12]}")
 
@@ -279,6 +308,7 @@ class RoutingService:
     def _build_changed(self, planned: PlannedBuild) -> None:
         """Announce a build's new state (released, dispatched, printing, done) on the events topic, so
         order tracking follows builds between routing responses."""
+        self._dirty = True
         if self._client is not None:
             self._respond(EVENTS_CLIENT, {"correlation_id": f"build-{planned.build_id}-{planned.status}", "ok": True,
                                           "assignments": [], "rejected": [], "builds": [planned.document()]})
@@ -350,14 +380,13 @@ class RoutingService:
         self.counters.dispatch_failures += 1
         log.warning("routing: dispatch of %s to %s failed: %s", planned.build_id, planned.printer_key, reason)
         result = self.router.reroute_build(planned.build_id, time.time(), reason)
+        self._dirty = True
         self.counters.reroutes += 1
         self._publish_event(result, f"reroute-{uuid.uuid4().hex[:12]}")
 
 
 def _peek_ids(payload: bytes) -> tuple[str, str] | None:
     """(correlation_id, client_id) of an invalid request if both can be read, to answer it."""
-    import json
-
     try:
         doc = json.loads(payload)
         correlation_id, client_id = doc["correlation_id"], doc["client_id"]
