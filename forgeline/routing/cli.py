@@ -47,6 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--serve", action="store_true", help="run the MQTT routing service")
     parser.add_argument("--share-group", help="MQTT 5 shared-subscription group for several instances")
     parser.add_argument("--no-dispatch", action="store_true", help="service: do not send jobs to agents")
+    parser.add_argument("--state", help="service: file that keeps open and queued builds across restarts")
 
 
 def fleet_from_broker(settings: MqttSettings, wait_s: float) -> tuple[Fleet, dict[str, str]]:
@@ -200,7 +201,7 @@ def _serve(args: argparse.Namespace, config: RoutingConfig, fleet: Fleet | None)
     from forgeline.routing.service import RoutingService
 
     service = RoutingService(_settings(args), config, fleet, share_group=args.share_group,
-                             dispatch=not args.no_dispatch)
+                             dispatch=not args.no_dispatch, state_path=args.state)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_a: stop.set())
     try:
