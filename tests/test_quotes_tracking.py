@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from quotes_support import Agents, Clock, Subscriber, birth, event, twin, wait_until
@@ -199,3 +200,36 @@ def test_end_to_end_with_a_real_edge_agent(
         assert done["units_done"] == 3 and done["factories"] == 1
     finally:
         agent.stop()
+
+
+def test_tracking_survives_a_restart(settings: MqttSettings, tmp_path: Path) -> None:
+    clock = Clock()
+    state = str(tmp_path / "customers.json")
+    agents = Agents(settings)
+    customer = Subscriber(settings, topics.customer_filter(CUSTOMER))
+    routing = RoutingService(settings, RoutingConfig(keep_open=False), tick_s=0.3)
+    routing.start()
+    printers = announce(settings, (A, "PA12", {}))
+    try:
+        wait_until(lambda: len(routing.router.fleet) == 1)
+        first = CustomerService(settings, clock=clock, tick_s=0.2, state_path=state)
+        first.start()
+        order_topic = topics.order_status_topic(CUSTOMER, "o-400")
+        submit(customer, {"order_id": "o-400", "due_ts": clock.now + 5 * DAY, "parts": [
+            {"part_id": "bracket", "technology": "MJF", "material": "PA12", "bbox_mm": [60, 40, 20],
+             "volume_cm3": 12, "quantity": 2}]})
+        customer.wait_doc(order_topic, lambda d: d["status"] == "queued")
+        first.stop()
+        (_, job), = agents.wait_jobs(1)
+        second = CustomerService(settings, clock=clock, tick_s=0.2, state_path=state)
+        second.start()
+        try:
+            printers.publish(A.event_topic, event("job_started", job["job_id"], clock.now))
+            customer.wait_doc(order_topic, lambda d: d["status"] == "printing")  # the new process knew the order
+        finally:
+            second.stop()
+    finally:
+        routing.stop()
+        printers.close()
+        agents.close()
+        customer.close()

@@ -42,6 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--now", type=float, help="quote time, seconds since the epoch (default: now)")
     parser.add_argument("--summary", action="store_true", help="one line per option")
     parser.add_argument("--serve", action="store_true", help="run the customer service (quotes and tracking)")
+    parser.add_argument("--state", help="service: file that keeps accepted orders and their tracking across restarts")
 
 
 def _settings(args: argparse.Namespace) -> MqttSettings:
@@ -109,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace, fleet: Fleet | None) -> int:
     from forgeline.quotes.service import CustomerService
 
-    service = CustomerService(_settings(args), fleet)
+    service = CustomerService(_settings(args), fleet, state_path=args.state)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_a: stop.set())
     try:

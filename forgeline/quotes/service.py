@@ -23,7 +23,9 @@ never learns which customer a part belongs to.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import os
 import queue
 import threading
 import time
@@ -80,6 +82,9 @@ class CustomerService:
     tick_s: float = 5.0
     options_timeout_s: float = 5.0
     counters: CustomerCounters = field(default_factory=CustomerCounters)
+    # Where accepted orders and their tracking state survive a restart (written atomically after every
+    # change); None: in memory only.
+    state_path: str | None = None
 
     def __post_init__(self) -> None:
         self.tracker = OrderTracker()
@@ -92,6 +97,22 @@ class CustomerService:
         self._client: paho.Client | None = None
         self._worker: threading.Thread | None = None
         self._stop = threading.Event()
+        if self.state_path and os.path.exists(self.state_path):
+            with open(self.state_path, encoding="utf-8") as fh:
+                state = json.load(fh)
+            self.tracker.restore(state["tracker"])
+            self._orders = {k: (v[0], v[1], v[2]) for k, v in state["orders"].items()}
+
+    def _save(self) -> None:
+        if not self.state_path:
+            return
+        tmp = f"{self.state_path}.tmp"
+        with open(tmp, "w", encoding="utf-8") as fh:
+            json.dump({"tracker": self.tracker.snapshot(), "orders": {k: list(v) for k, v in self._orders.items()}},
+                      fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.state_path)
 
     # --- lifecycle ---------------------------------------------------------------------------------
 
@@ -235,6 +256,7 @@ class CustomerService:
         track = self.tracker.order_received(customer, order_id, doc["parts"], doc.get("due_ts"), now)
         self.tracker.by_order_id[routed_id] = (customer, order_id)
         del self.tracker.by_order_id[order_id]
+        self._save()  # accepted: it survives a restart from here on
         self._publish_changes({(track.customer, track.order_id)})
         self._send_routing(routed_id, order_doc, dry_run=False)
 
@@ -330,6 +352,8 @@ class CustomerService:
 
     def _publish_changes(self, keys: set[tuple[str, str]]) -> None:
         now = self.clock()
+        if keys:
+            self._save()
         for key in sorted(keys):
             order_doc, part_docs = self.tracker.documents(key, now)
             customer, order_id = key
@@ -345,8 +369,7 @@ class CustomerService:
 
 
 def _peek(payload: bytes) -> tuple[str, str] | None:
-    import json
-
+    """(correlation_id, client_id) of an invalid quote request if both can be read, to answer it."""
     try:
         doc = json.loads(payload)
         correlation_id, client_id = str(doc["correlation_id"])[:128], doc["client_id"]
@@ -357,8 +380,7 @@ def _peek(payload: bytes) -> tuple[str, str] | None:
 
 
 def _peek_order_id(payload: bytes) -> str | None:
-    import json
-
+    """The order id of an invalid order if it can be read, to answer on its status topic."""
     try:
         order_id = json.loads(payload)["order_id"]
         return topics.check_ident(order_id, "order id")

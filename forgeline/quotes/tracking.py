@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from forgeline.contract import topics
@@ -105,6 +105,30 @@ class OrderTracker:
         self.builds: dict[str, BuildTrack] = {}
         self.units_of_build: dict[str, set[tuple[str, str, str]]] = {}  # build -> (customer, order, unit)
         self.by_order_id: dict[str, tuple[str, str]] = {}  # routing knows order ids only
+
+    # --- state ---------------------------------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        """Every order, unit and build the tracker knows, JSON-ready (see :meth:`restore`)."""
+        return {
+            "orders": [{**{k: v for k, v in asdict(t).items() if k != "units"},
+                        "units": [asdict(u) for u in t.units.values()]} for t in self.orders.values()],
+            "builds": [asdict(b) for b in self.builds.values()],
+            "by_order_id": {k: list(v) for k, v in self.by_order_id.items()},
+        }
+
+    def restore(self, document: Mapping[str, Any]) -> None:
+        for doc in document.get("orders", []):
+            units = {u["unit_id"]: UnitTrack(**u) for u in doc["units"]}
+            track = OrderTrack(**{**doc, "units": units})
+            self.orders[(track.customer, track.order_id)] = track
+            for unit in units.values():
+                if unit.build_id is not None:
+                    self.units_of_build.setdefault(unit.build_id, set()).add(
+                        (track.customer, track.order_id, unit.unit_id))
+        for doc in document.get("builds", []):
+            self.builds[doc["build_id"]] = BuildTrack(**doc)
+        self.by_order_id.update({k: (v[0], v[1]) for k, v in document.get("by_order_id", {}).items()})
 
     # --- inputs ------------------------------------------------------------------------------------
 
