@@ -233,3 +233,29 @@ def test_tracking_survives_a_restart(settings: MqttSettings, tmp_path: Path) -> 
         printers.close()
         agents.close()
         customer.close()
+
+
+def test_an_order_waits_for_a_routing_service_that_is_down(settings: MqttSettings) -> None:
+    clock = Clock()
+    customer = Subscriber(settings, topics.customer_filter(CUSTOMER))
+    service = CustomerService(settings, clock=clock, tick_s=0.2, routing_retry_s=0.5)
+    service.start()
+    printers = announce(settings, (A, "PA12", {}))
+    routing = RoutingService(settings, dispatch=False)
+    try:
+        order_topic = topics.order_status_topic(CUSTOMER, "o-500")
+        submit(customer, {"order_id": "o-500", "parts": [
+            {"part_id": "bracket", "technology": "MJF", "material": "PA12", "bbox_mm": [60, 40, 20],
+             "volume_cm3": 12, "quantity": 2}]})
+        customer.wait_doc(order_topic, lambda d: d["status"] == "received")
+        time.sleep(1.0)  # requests sent meanwhile reach nobody
+        routing.start()
+        wait_until(lambda: len(routing.router.fleet) == 1)
+        routed = customer.wait_doc(order_topic, lambda d: d["status"] == "routed")
+        assert routed["units"] == 2
+        assert sum(len(b.units) for b in routing.router.builds.values()) == 2  # retries routed nothing twice
+    finally:
+        routing.stop()
+        service.stop()
+        printers.close()
+        customer.close()

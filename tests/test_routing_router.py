@@ -262,3 +262,13 @@ def test_snapshot_and_restore_keep_every_accepted_part() -> None:
     a, b = router.route(later, NOW + 7200), again.route(later, NOW + 7200)
     assert [(x.unit_id, x.build_id, x.position_mm) for x in a.assignments] == \
         [(x.unit_id, x.build_id, x.position_mm) for x in b.assignments]
+
+
+def test_a_repeated_request_routes_nothing_twice() -> None:
+    router = Router(fleet_of(mjf("m1"), mjf("m2")))
+    first = router.route(order(bracket(quantity=8)), NOW)
+    again = router.route(order(bracket(quantity=8)), NOW + 60)
+    assert [(a.unit_id, a.build_id, a.position_mm) for a in again.assignments] == \
+        [(a.unit_id, a.build_id, a.position_mm) for a in first.assignments]
+    assert sum(len(b.units) for b in router.builds.values()) == 8
+    assert all("already routed" in a.explanation for a in again.assignments)

@@ -85,6 +85,7 @@ class CustomerService:
     # Where accepted orders and their tracking state survive a restart (written atomically after every
     # change); None: in memory only.
     state_path: str | None = None
+    routing_retry_s: float = 10.0  # an order routing has not answered is sent again this often
 
     def __post_init__(self) -> None:
         self.tracker = OrderTracker()
@@ -97,11 +98,16 @@ class CustomerService:
         self._client: paho.Client | None = None
         self._worker: threading.Thread | None = None
         self._stop = threading.Event()
+        self._awaiting_routing: dict[str, float] = {}  # routed order id -> when to send again
         if self.state_path and os.path.exists(self.state_path):
             with open(self.state_path, encoding="utf-8") as fh:
                 state = json.load(fh)
             self.tracker.restore(state["tracker"])
             self._orders = {k: (v[0], v[1], v[2]) for k, v in state["orders"].items()}
+            for routed_id, (customer, order_id, _) in self._orders.items():
+                track = self.tracker.orders.get((customer, order_id))
+                if track is not None and all(u.status == "received" for u in track.units.values()):
+                    self._awaiting_routing[routed_id] = 0.0  # accepted, never answered by routing
 
     def _save(self) -> None:
         if not self.state_path:
@@ -165,6 +171,7 @@ class CustomerService:
                     next_tick = time.monotonic() + self.tick_s
                     self._publish_changes(self.tracker.tick(self.clock()))
                 self._expire_options()
+                self._retry_routing()
             except Exception:
                 log.exception("customer service: failed on %s", item[0] if item else "tick")
 
@@ -258,7 +265,15 @@ class CustomerService:
         del self.tracker.by_order_id[order_id]
         self._save()  # accepted: it survives a restart from here on
         self._publish_changes({(track.customer, track.order_id)})
+        self._awaiting_routing[routed_id] = time.monotonic() + self.routing_retry_s
         self._send_routing(routed_id, order_doc, dry_run=False)
+
+    def _retry_routing(self) -> None:
+        now = time.monotonic()
+        for routed_id, due in list(self._awaiting_routing.items()):
+            if due <= now:
+                self._awaiting_routing[routed_id] = now + self.routing_retry_s
+                self._send_routing(routed_id, self._orders[routed_id][2], dry_run=False)
 
     def _send_routing(self, correlation_id: str, order_doc: dict[str, Any], *, dry_run: bool) -> None:
         request = {"correlation_id": correlation_id, "client_id": TRACKING_CLIENT, "order": order_doc,
@@ -281,6 +296,7 @@ class CustomerService:
             document = schemas.loads("routing_response", payload)
         except PayloadError:
             return
+        self._awaiting_routing.pop(str(document.get("correlation_id")), None)
         pending = self._pending_options.pop(str(document.get("correlation_id")), None)
         if pending is not None:
             self._options_answered(pending, document)

@@ -505,7 +505,21 @@ class Router:
         now = time.time() if now is None else now
         result = RoutingResult(order.order_id, rejected=list(order.problems))
         result.released += self.tick(now)
-        self._route_units(list(order.units()), now, result)
+        # A repeated request (a retry after a lost answer) routes nothing twice: units already in a
+        # live build are answered from it.
+        fresh: list[Unit] = []
+        for unit in order.units():
+            planned = self.build_of(unit.order_id, unit.unit_id)
+            if planned is None or planned.status == "failed":
+                fresh.append(unit)
+                continue
+            placement = next(p for p in planned.build.placements if p.item_id == f"{unit.order_id}.{unit.unit_id}")
+            result.assignments.append(Assignment(
+                unit.unit_id, unit.part.part_id, unit.order_id, planned.printer_key, planned.build_id,
+                placement.position_mm, placement.size_mm, 0.0, {}, f"already routed to {planned.printer_key} "
+                f"(build {planned.build_id}, {planned.status})", None, unit.due_ts))
+            result.touched[planned.build_id] = planned
+        self._route_units(fresh, now, result)
         self._release_unless_kept_open(result, now)
         result.elapsed_s = time.perf_counter() - started
         return result
