@@ -9,6 +9,7 @@ what the twin computes, read back from the retained twin topics like any platfor
     forgeline demo                       # until Ctrl-C
     forgeline demo --duration 60         # a bounded run, then a summary
     forgeline demo --speed 600           # builds finish in seconds
+    forgeline demo --secure              # TLS, client certificates, passwords and tenant ACLs
     forgeline demo --influx-url http://127.0.0.1:8086 --influx-token T   # also write time series
 """
 
@@ -48,6 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="use a running broker (mqtt://host:port) instead of starting one")
     parser.add_argument("--broker-kind", choices=["auto", "mosquitto", "amqtt"], default="auto",
                         help="which broker to start (default: mosquitto if installed, else amqtt)")
+    parser.add_argument("--secure", action="store_true",
+                        help="run Mosquitto with the production config: TLS with a development CA, client "
+                             "certificates, a password per account, per-tenant ACLs (one agent per tenant)")
     parser.add_argument("--refresh", type=float, default=1.0, help="seconds between redraws (default 1)")
     parser.add_argument("--data-dir", type=Path, default=None,
                         help="where the agent spool, twin snapshots and anomaly labels go (default: a temp dir)")
@@ -74,7 +78,8 @@ class Demo:
         self.settings: MqttSettings | None = None
         self.twin: Any = None
         self.loop: Any = None
-        self.agent: Any = None
+        self.agents: list[Any] = []
+        self.secure: Any = None
         self.view: LiveView | None = None
         self.line_station: DeviceRef | None = None
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
@@ -92,7 +97,11 @@ class Demo:
         else:
             data_dir = args.data_dir
             data_dir.mkdir(parents=True, exist_ok=True)
-        if args.broker:
+        if args.secure:
+            if args.broker:
+                raise SystemExit("forgeline demo: --secure starts its own broker; leave out --broker")
+            self._start_secure(data_dir)
+        elif args.broker:
             self.settings = MqttSettings.from_url(args.broker)
         else:
             self.broker = start_broker(prefer=args.broker_kind)
@@ -100,20 +109,25 @@ class Demo:
                   + ("" if self.broker.kind == "mosquitto" else " (embedded fallback: no mosquitto binary found)"),
                   file=sys.stderr)
             self.settings = MqttSettings(self.broker.host, self.broker.port, protocol=5 if self.broker.mqtt5 else 4)
-        url = f"mqtt://{self.settings.host}:{self.settings.port}"
+        assert self.settings is not None
+        twin_settings = self._account("_twin")
+        url = f"{'mqtts' if twin_settings.tls else 'mqtt'}://{twin_settings.host}:{twin_settings.port}"
         influx = None
         if args.influx_url:
             influx = InfluxConfig(url=args.influx_url, token=args.influx_token, org=args.influx_org,
                                   bucket=args.influx_bucket, interval_s=args.influx_interval,
                                   flush_interval_s=min(1.0, args.influx_interval),
                                   spill_dir=str(data_dir / "influx-spill"))
-        mqtt_options = {"protocol": self.settings.protocol}
+        mqtt_options: dict[str, Any] = {
+            name: getattr(twin_settings, name)
+            for name in ("protocol", "username", "password", "ca_file", "cert_file", "key_file", "tls_insecure")
+        }
         config = TwinConfig(broker=url, mqtt=mqtt_options, worker_id="demo-twin", publish_interval_s=1.0,
                             fleet_interval_s=2.0, snapshot_dir=str(data_dir / "snapshots"), influx=influx)
         self.twin = TwinService(config).start()
         from forgeline.loop.service import LoopService, ServiceConfig
 
-        self.loop = LoopService(self.settings, ServiceConfig(interval_s=5.0, client_id="demo-loop",
+        self.loop = LoopService(self._account("_loop"), ServiceConfig(interval_s=5.0, client_id="demo-loop",
                                                              state_file=data_dir / "loop-state.json"))
         self.loop.start()
         fleet = demo_fleet(labels_file=str(data_dir / "anomaly-labels.jsonl"))
@@ -121,12 +135,41 @@ class Demo:
         line = dataclasses.replace(fleet.lines[0], effects={"C": RevisionEffects(door_leakage_scale=1.8)})
         fleet = dataclasses.replace(fleet, lines=(line, *fleet.lines[1:]))
         self.line_station = DeviceRef(line.tenant or fleet.tenant, line.site or fleet.site, line.area, line.stations[0])
-        self.agent = start_simulated_fleet(self.settings, fleet, speed=args.speed, seed=args.seed,
-                                           rate_hz=args.rate, spool_path=data_dir / "spool.sqlite")
+        if self.secure is None:
+            self.agents = [start_simulated_fleet(self.settings, fleet, speed=args.speed, seed=args.seed,
+                                                 rate_hz=args.rate, spool_path=data_dir / "spool.sqlite")]
+        else:
+            # Each factory's gateway has its own credentials, so each tenant gets an agent of its own.
+            self.agents = []
+            for tenant in sorted({p.tenant or fleet.tenant for p in fleet.printers}
+                                 | {ln.tenant or fleet.tenant for ln in fleet.lines}):
+                own = dataclasses.replace(
+                    fleet,
+                    printers=tuple(p for p in fleet.printers if (p.tenant or fleet.tenant) == tenant),
+                    lines=tuple(ln for ln in fleet.lines if (ln.tenant or fleet.tenant) == tenant),
+                )
+                self.agents.append(start_simulated_fleet(
+                    self.secure.ensure_user(tenant), own, speed=args.speed, seed=args.seed, rate_hz=args.rate,
+                    spool_path=data_dir / f"spool-{tenant}.sqlite"))
         # The view reads the retained twin topics like any platform service; it also feeds the summary.
-        self.view = LiveView(self.settings, refresh_s=args.refresh, status_line=self.status_line,
+        self.view = LiveView(self._account("_ops"), refresh_s=args.refresh, status_line=self.status_line,
                              draw_enabled=not args.no_view)
         self.view.start()
+
+    def _start_secure(self, data_dir: Path) -> None:
+        from forgeline.broker.secure import start_secure_mosquitto
+
+        self.secure = start_secure_mosquitto(data_dir / "secure-broker", ["_twin", "_loop", "_ops"])
+        self.settings = self.secure.settings("_ops")
+        print(f"broker: mosquitto (secure: TLS, client certificates, passwords, tenant ACLs) on {self.secure.url}; "
+              f"certificates in {data_dir / 'secure-broker'}", file=sys.stderr)
+
+    def _account(self, username: str) -> MqttSettings:
+        """Settings for a service account: its own credentials in secure mode, else the plain settings."""
+        if self.secure is not None:
+            return self.secure.settings(username)
+        assert self.settings is not None
+        return self.settings
 
     def final_insights(self) -> dict[str, Any]:
         """The latest iteration insights per tenant/model, as received on the insights topics."""
@@ -138,7 +181,7 @@ class Demo:
     def switch_revision(self, revision: str) -> None:
         """Tell the line to build ``revision`` from now on, as an operator does: a set_config command."""
         assert self.settings is not None and self.line_station is not None
-        client = connect(self.settings)
+        client = connect(self._account("_ops"))
         try:
             request = {"correlation_id": f"demo-{uuid.uuid4().hex[:8]}", "ts": time.time(),
                        "args": {"product_revision": revision}}
@@ -150,18 +193,17 @@ class Demo:
 
     def status_line(self) -> str:
         try:
-            stats = self.agent.stats() if self.agent else {}
+            all_stats = [agent.stats() for agent in self.agents]
         except Exception:  # the view must never die on a stats read
             return ""
-        devices = stats.get("devices", {}).values()
-        published = sum(int(d.get("published_samples", 0)) for d in devices)
-        spooled = int(stats.get("spool", {}).get("queued_rows", 0) or 0)
+        published = sum(int(d.get("published_samples", 0)) for st in all_stats for d in st.get("devices", {}).values())
+        spooled = sum(int(st.get("spool", {}).get("queued_rows", 0) or 0) for st in all_stats)
         return f"speed ×{self.args.speed:g}, {published:,} samples published, {spooled} batches spooled"
 
     def stop(self) -> None:
         # Reverse order: the view, then the agent (drains its batches), the twin, the broker.
-        parts = ((self.view, "view"), (self.agent, "agent"), (self.loop, "loop"), (self.twin, "twin"),
-                 (self.broker, "broker"))
+        parts = ((self.view, "view"), *((agent, "agent") for agent in self.agents), (self.loop, "loop"),
+                 (self.twin, "twin"), (self.broker, "broker"), (self.secure, "broker"))
         for part, name in parts:
             if part is None:
                 continue

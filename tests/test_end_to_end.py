@@ -105,3 +105,25 @@ def test_demo_command_runs_the_whole_stack(tmp_path: Path) -> None:
     schemas.validate("insights", insight)
     units = {r["revision"]: r["units"] for r in insight["revisions"]}
     assert units.get("B", 0) > 0 and units.get("C", 0) > 0, units
+
+
+def test_demo_secure_mode(tmp_path: Path) -> None:
+    """`forgeline demo --secure`: production broker config (TLS, client certificates, passwords, tenant
+    ACLs), one agent per tenant with its own credentials, services on their own accounts — and the
+    whole flow still works, including the operator's set_config command to the line."""
+    summary = tmp_path / "summary.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "forgeline.cli", "demo", "--secure", "--duration", "25", "--no-view",
+         "--speed", "300", "--revision-at", "10", "--summary-json", str(summary), "--data-dir", str(tmp_path / "d")],
+        cwd=ROOT, capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "secure: TLS, client certificates" in result.stderr and "mqtts://127.0.0.1:" in result.stderr
+    document = json.loads(summary.read_text())
+    assert {t["device"]["tenant"] for t in document["twins"]} == {"factory-a", "factory-b", "oven-plant"}
+    assert all(t["samples"] > 0 for t in document["twins"])
+    units = {r["revision"]: r["units"] for r in document["insights"]["oven-plant/MW-20"]["revisions"]}
+    assert units.get("B", 0) > 0 and units.get("C", 0) > 0, units
+    conf = (tmp_path / "d" / "secure-broker").rglob("*.conf")
+    text = "\n".join(p.read_text() for p in conf)
+    assert "allow_anonymous false" in text and "require_certificate true" in text
