@@ -126,9 +126,13 @@ class Demo:
                             fleet_interval_s=2.0, snapshot_dir=str(data_dir / "snapshots"), influx=influx)
         self.twin = TwinService(config).start()
         from forgeline.loop.service import LoopService, ServiceConfig
+        from forgeline.loop.timeseries_out import InfluxSettings
 
+        loop_influx = (InfluxSettings(url=args.influx_url, api="v2", bucket=args.influx_bucket, org=args.influx_org,
+                                      token=args.influx_token or None) if args.influx_url else None)
         self.loop = LoopService(self._account("_loop"), ServiceConfig(interval_s=5.0, client_id="demo-loop",
-                                                             state_file=data_dir / "loop-state.json"))
+                                                                      state_file=data_dir / "loop-state.json",
+                                                                      influx=loop_influx))
         self.loop.start()
         fleet = demo_fleet(labels_file=str(data_dir / "anomaly-labels.jsonl"))
         # Revision C of the oven has a weaker door seal: the change engineering should hear about.
