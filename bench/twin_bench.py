@@ -342,11 +342,15 @@ def latency(settings: MqttSettings, samples_per_s: float, duration_s: float, dev
         client.disconnect()
         client.loop_stop()
         latencies = []
+        timeline = []
         with lock:
             for (topic, seq), at in sent.items():
                 arrivals = [t for s, t in received.get(topic, []) if s >= seq and t >= at]
                 if arrivals:
                     latencies.append((min(arrivals) - at) * 1000)
+                    timeline.append((at - started, latencies[-1]))
+        slowest = sorted(timeline, key=lambda x: -x[1])[:8]
+        log(f"[latency] slowest (send time s, latency ms): {[(round(a, 2), round(b, 1)) for a, b in slowest]}")
         latencies.sort()
         missing = len(sent) - len(latencies)
 

@@ -17,6 +17,7 @@ Threads:
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
@@ -131,6 +132,10 @@ class TwinService:
             self.metrics = MetricsServer(self, self.config.metrics_host, self.config.metrics_port)
             self.metrics.start()
         self.ingestor.warm_up()
+        # numba's compiler leaves millions of long-lived objects behind; moving them out of the
+        # collector's reach keeps full collections (and the latency spikes they cause) short.
+        gc.collect()
+        gc.freeze()
         self._started_at = time.time()
         self._stopping.clear()
         self._thread = threading.Thread(target=self._run, name=f"twin-ingest-{self.worker_id}", daemon=True)
@@ -272,13 +277,11 @@ class TwinService:
     def _run(self) -> None:
         spacing = self.config.cycle_interval_s
         while True:
-            self._wake.wait(0.05)
             # While messages keep coming, the network thread runs the cycles itself; this thread
-            # steps in only for what is left when they stop (after two intervals), and for the
-            # periodic work. Two threads taking turns would fight over the GIL.
-            pause = self._last_cycle_start + 2 * spacing - time.monotonic()
-            if pause > 0 and len(self._inbox) < self.config.cycle_max_messages and not self._stopping.is_set():
-                time.sleep(pause)
+            # steps in only for what is left when they stop (two intervals after the last cycle),
+            # and for the periodic work. Two threads taking turns would fight over the GIL.
+            timeout = max(0.0, self._last_cycle_start + 2 * spacing - time.monotonic()) if self._inbox else 0.05
+            self._wake.wait(timeout)
             self._wake.clear()
             try:
                 with self._ingest_lock:
