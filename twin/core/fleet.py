@@ -49,7 +49,9 @@ from twin.core.layout import (
     CH_LAST_T,
     CH_Q,
     DETECTOR_CODES,
+    DF_BASE_N,
     DF_FIELDS,
+    DF_HOT,
     DF_LAYER_PROGRESS,
     DF_N,
     DF_PEAK,
@@ -687,6 +689,16 @@ class FleetCore:
         header = json.dumps(meta).encode()
         return _SNAPSHOT_MAGIC + len(header).to_bytes(8, "little") + header + buffer.getvalue()
 
+    def _upgrade_devf(self, stored: np.ndarray) -> None:
+        """Restore device fields of a snapshot taken before DF_HOT and DF_BASE_N existed."""
+        used = stored.shape[0]
+        self.devf[:used, : stored.shape[1]] = stored
+        # the old baseline learned from every tick; hot channels are those over the gate now
+        self.devf[:used, DF_BASE_N] = stored[:, DF_N]
+        detector = self.role[:used] == ROLE_ANALOG
+        over = self.chan[:used, :, CH_Q] > self._params[P_Q_GATE]
+        self.devf[:used, DF_HOT] = np.count_nonzero(detector & over, axis=1)
+
     def _builds_index(self, record: BuildRecord) -> int:
         for i, b in enumerate(self._builds):
             if b is record:
@@ -717,7 +729,12 @@ class FleetCore:
                 if name in data.files or not name.startswith("mv_"):
                     # snapshots from before the multivariate detector carry no mv_* arrays: their
                     # detector was not "pca", so the fresh zero-width arrays are exact
-                    getattr(core, name)[: len(devices)] = data[name]
+                    stored = data[name]
+                    target = getattr(core, name)
+                    if name == "devf" and stored.shape[1] < target.shape[1]:
+                        core._upgrade_devf(stored)
+                    else:
+                        target[: len(devices)] = stored
         core._builds.extend(BuildRecord(**b) for b in meta["builds"])
         builds = list(core._builds)
         core._active_builds = {int(d): builds[i] for d, i in meta["active"].items()}

@@ -32,8 +32,10 @@ from twin.core.layout import (
     DET_EWMA,
     DET_PCA,
     DET_ZSCORE,
+    DF_BASE_N,
     DF_COUNTER,
     DF_EVENT_PEAK,
+    DF_HOT,
     DF_LAYER_PROGRESS,
     DF_MEAN,
     DF_N,
@@ -140,7 +142,8 @@ def score_of_q(q: float, z_scale2: float) -> float:
 
 @njit(**NJIT_OPTIONS)
 def channel_step(row: np.ndarray, regime: int, x: float, params: np.ndarray) -> float:
-    """Score ``x`` against the channel's baseline for ``regime``, then learn it; return the new q.
+    """Score ``x`` against the channel's baseline for ``regime``, then learn it; return the new q
+    (also stored in ``row[CH_Q]``).
 
     ``row`` is one channel's 16 float64 fields. Scoring comes first, so a sample never sees itself
     (no look-ahead). While a regime has fewer than ``warmup`` samples its statistic q is 0.
@@ -201,9 +204,8 @@ def channel_step(row: np.ndarray, regime: int, x: float, params: np.ndarray) -> 
     row[base] = new_mean
     row[base + 1] = new_var
     row[base + 2] = n + 1.0
-    old_q = row[CH_Q]
     row[CH_Q] = q
-    return q - old_q
+    return q
 
 
 @njit(**NJIT_OPTIONS)
@@ -255,16 +257,30 @@ def device_tick(
         total = max(devf[d, DF_SUM], 0.0)
         mean = devf[d, DF_MEAN]
         var = devf[d, DF_VAR]
-        score = combined_score(total, mean, var, n, params)
-        factor = 1.0
-        if n >= params[P_WARMUP] and score > params[P_LEARN_GATE]:
-            factor = params[P_GATED_FACTOR]
-        learn_total = total
-        if n >= params[P_WARMUP]:
+        base_n = devf[d, DF_BASE_N]
+        score = combined_score(total, mean, var, base_n, params)
+        # A channel over the learning gate is evidence of an incident that does not depend on this
+        # baseline: judged by the baseline alone, an incident in the device's first ticks became its
+        # normal (a huge variance), later incidents then scored too low to close the gate and kept
+        # the variance inflated through the clip at mean + 3 sd — the device never alarmed again.
+        hot = devf[d, DF_HOT] > 0.0
+        if base_n < params[P_WARMUP]:
+            if not hot:  # the warm-up averages exactly, so it learns only from quiet ticks
+                new_mean, new_var = ew_update(mean, var, base_n, total, params[P_ALPHA], 1.0)
+                devf[d, DF_MEAN] = new_mean
+                devf[d, DF_VAR] = new_var
+                devf[d, DF_BASE_N] = base_n + 1.0
+        else:
+            factor = 1.0
+            if hot or score > params[P_LEARN_GATE]:
+                factor = params[P_GATED_FACTOR]
             learn_total = min(total, mean + LEARN_CLIP * np.sqrt(var))
-        new_mean, new_var = ew_update(mean, var, n, learn_total, params[P_ALPHA], factor)
-        devf[d, DF_MEAN] = new_mean
-        devf[d, DF_VAR] = new_var
+            new_mean, new_var = ew_update(mean, var, base_n, learn_total, params[P_ALPHA], factor)
+            devf[d, DF_MEAN] = new_mean
+            devf[d, DF_VAR] = new_var
+            devf[d, DF_BASE_N] = base_n + 1.0
+        if n < params[P_WARMUP]:
+            score = 0.0  # the documented warm-up: no device score before warmup ticks
     else:
         score = mv_score
     devf[d, DF_N] = n + 1.0
@@ -722,6 +738,7 @@ def ingest_batch(
     t_ms = 0
     regime = 0
     warmup = params[P_WARMUP]
+    q_gate = params[P_Q_GATE]
     for i in range(device.shape[0]):
         d = device[i]
         c = channel[i]
@@ -783,7 +800,11 @@ def ingest_batch(
             # the device baseline learns only from ticks with a warmed-up channel, so the sum does
             # not jump when channels leave their warm-up
             warm = row[3 * regime + 2] >= warmup
-            devf[d, DF_SUM] += channel_step(row, regime, x, params)
+            old_q = row[CH_Q]
+            q = channel_step(row, regime, x, params)
+            devf[d, DF_SUM] += q - old_q
+            if (q > q_gate) != (old_q > q_gate):  # the count of channels over the learning gate
+                devf[d, DF_HOT] += 1.0 if q > q_gate else -1.0
             if multivariate:
                 mv_last[d, c] = x
                 warm = True  # the multivariate detector counts its own warm-up in complete ticks

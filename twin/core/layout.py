@@ -81,7 +81,11 @@ DF_EVENT_PEAK: Final = 6
 DF_PLANNED_CYCLE_S: Final = 7  # NaN when unknown
 DF_COUNTER: Final = 8  # 8, 9, 10: last value of produced, good, scrap
 DF_LAYER_PROGRESS: Final = 11
-DF_FIELDS: Final = 12
+# detector channels whose statistic is over the learning gate now (kept up to date sample by sample,
+# held values included): evidence of an incident that does not depend on the device baseline itself
+DF_HOT: Final = 12
+DF_BASE_N: Final = 13  # ticks the device baseline (DF_MEAN, DF_VAR) has learned from
+DF_FIELDS: Final = 14
 
 # ---- per-device integer fields: devi[device, FIELD] --------------------------------------------
 DI_STATE_COUNT: Final = 0  # valid points in the state reorder buffer

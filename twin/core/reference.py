@@ -213,6 +213,7 @@ class RefDevice:
     mean: float = 0.0
     var: float = 0.0
     n: float = 0.0
+    base_n: float = 0.0  # ticks the device baseline learned from
     score: float = 0.0
     active: bool = False
     run: int = 0
@@ -338,11 +339,18 @@ class ReferenceFleet:
             score = dev.pca.tick(row, active, cfg)
         else:
             total = max(dev.total, 0.0)
-            score = combined(total, dev.mean, dev.var, dev.n, cfg)
-            warm = dev.n >= cfg.warmup_samples
-            factor = cfg.gated_learn_factor if warm and score > cfg.learn_gate else 1.0
-            learn_total = min(total, dev.mean + LEARN_CLIP * math.sqrt(dev.var)) if warm else total
-            dev.mean, dev.var = ew_step(dev.mean, dev.var, dev.n, learn_total, cfg.alpha, factor)
+            score = combined(total, dev.mean, dev.var, dev.base_n, cfg)
+            # any detector channel over the learning gate right now (its latest statistic)?
+            hot = any(ch.score > cfg.learn_gate for ch in dev.channels.values())
+            if dev.base_n < cfg.warmup_samples:
+                if not hot:  # the warm-up learns only from quiet ticks
+                    dev.mean, dev.var = ew_step(dev.mean, dev.var, dev.base_n, total, cfg.alpha, 1.0)
+                    dev.base_n += 1
+            else:
+                factor = cfg.gated_learn_factor if hot or score > cfg.learn_gate else 1.0
+                learn_total = min(total, dev.mean + LEARN_CLIP * math.sqrt(dev.var))
+                dev.mean, dev.var = ew_step(dev.mean, dev.var, dev.base_n, learn_total, cfg.alpha, factor)
+                dev.base_n += 1
         dev.n += 1.0
         dev.score = score
         if historical:
