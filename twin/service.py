@@ -92,6 +92,7 @@ class TwinService:
         self._next_twin_round = 0.0
         self._restored = False
         self._last_cycle_start = 0.0
+        self._stop_deadline = 0.0
         self._started_at = 0.0
         self.last_cycle_at = 0.0
         self.publish_failures = 0
@@ -234,7 +235,7 @@ class TwinService:
         # picks up what is left and does the periodic work.
         if (time.monotonic() - self._last_cycle_start >= self.config.cycle_interval_s
                 or len(self._inbox) >= self.config.cycle_max_messages) \
-                and self._ingest_lock.acquire(blocking=False):
+                and not self._stopping.is_set() and self._ingest_lock.acquire(blocking=False):
             try:
                 self._last_cycle_start = time.monotonic()
                 self._cycle()
@@ -247,6 +248,7 @@ class TwinService:
 
     def stop(self, *, snapshot: bool = True) -> None:
         """Process what has arrived, take a final snapshot, disconnect (idempotent)."""
+        self._stop_deadline = time.monotonic() + 5.0
         self._stopping.set()
         self._wake.set()
         if self._thread is not None:
@@ -285,17 +287,16 @@ class TwinService:
             self._wake.clear()
             try:
                 with self._ingest_lock:
-                    worked = False
                     if self._inbox and (time.monotonic() - self._last_cycle_start >= 2 * spacing
                                         or self._stopping.is_set()
                                         or len(self._inbox) >= self.config.cycle_max_messages):
                         self._last_cycle_start = time.monotonic()
-                        worked = self._cycle()
+                        self._cycle()
                     self._periodic()
             except Exception:  # keep ingesting: a bug in one cycle must not stall the twin for months
                 log.exception("twin %s: ingest cycle failed", self.worker_id)
-                worked = False
-            if self._stopping.is_set() and not self._inbox and not worked:
+            if self._stopping.is_set() and (not self._inbox or time.monotonic() > self._stop_deadline):
+                # What still arrives is not acknowledged: the broker redelivers it after a restart.
                 return
 
     def _take(self) -> list[paho.MQTTMessage]:
