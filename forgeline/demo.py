@@ -20,6 +20,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import random
 import signal
 import sys
 import tempfile
@@ -31,12 +32,17 @@ from types import FrameType
 from typing import Any
 
 from forgeline.broker import RunningBroker, start_broker
-from forgeline.contract import schemas
+from forgeline.contract import schemas, topics
 from forgeline.contract.topics import DeviceRef
 from forgeline.mqtt import MqttSettings, connect
 from forgeline.view import LiveView
 
 log = logging.getLogger(__name__)
+
+ORDER_CLIENT = "demo-orders"
+# What the simulated printers have loaded, per technology (see edge_agent.sources.simulator.demo_fleet).
+DEMO_MATERIALS = {"FDM": "PLA", "SLA": "standard-resin", "DLP": "rigid-resin", "SLS": "PA12", "MJF": "PA12",
+                  "metal": "316L"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -64,6 +70,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--revision-at", type=float, default=30.0,
                         help="seconds after start when the oven line switches from revision B to C, whose door "
                              "seal leaks more, so the iteration loop has two revisions to compare (0: never)")
+    parser.add_argument("--order-every", type=float, default=6.0,
+                        help="seconds between customer orders sent to order routing (0: no orders)")
     parser.add_argument("--no-view", action="store_true", help="no live view; print a summary at the end")
     parser.add_argument("--summary-json", type=Path, default=None,
                         help="write the final twin state of every device and the insights to this JSON file")
@@ -79,6 +87,8 @@ class Demo:
         self.twin: Any = None
         self.loop: Any = None
         self.agents: list[Any] = []
+        self.routing: Any = None
+        self._orders_client: Any = None
         self.secure: Any = None
         self.view: LiveView | None = None
         self.line_station: DeviceRef | None = None
@@ -134,6 +144,10 @@ class Demo:
                                                                       state_file=data_dir / "loop-state.json",
                                                                       influx=loop_influx))
         self.loop.start()
+        from forgeline.routing.service import RoutingService
+
+        self.routing = RoutingService(self._account("_routing"), client_id="demo-routing")
+        self.routing.start()
         fleet = demo_fleet(labels_file=str(data_dir / "anomaly-labels.jsonl"))
         # Revision C of the oven has a weaker door seal: the change engineering should hear about.
         line = dataclasses.replace(fleet.lines[0], effects={"C": RevisionEffects(door_leakage_scale=1.8)})
@@ -157,13 +171,15 @@ class Demo:
                     spool_path=data_dir / f"spool-{tenant}.sqlite"))
         # The view reads the retained twin topics like any platform service; it also feeds the summary.
         self.view = LiveView(self._account("_ops"), refresh_s=args.refresh, status_line=self.status_line,
+                             routing_client=ORDER_CLIENT,
                              draw_enabled=not args.no_view)
         self.view.start()
+        self._orders_client = connect(self._account("_routing"), client_id="demo-orders")
 
     def _start_secure(self, data_dir: Path) -> None:
         from forgeline.broker.secure import start_secure_mosquitto
 
-        self.secure = start_secure_mosquitto(data_dir / "secure-broker", ["_twin", "_loop", "_ops"])
+        self.secure = start_secure_mosquitto(data_dir / "secure-broker", ["_twin", "_loop", "_routing", "_ops"])
         self.settings = self.secure.settings("_ops")
         print(f"broker: mosquitto (secure: TLS, client certificates, passwords, tenant ACLs) on {self.secure.url}; "
               f"certificates in {data_dir / 'secure-broker'}", file=sys.stderr)
@@ -174,6 +190,29 @@ class Demo:
             return self.secure.settings(username)
         assert self.settings is not None
         return self.settings
+
+    def send_order(self, number: int) -> None:
+        """A customer order, as the platform's order intake sends it to routing (a routing request)."""
+        from forgeline.routing.instances import generate_order, order_document
+
+        rng = random.Random(self.args.seed * 100_003 + number)
+        order = generate_order(rng.randint(4, 30), seed=rng.randrange(2**31), now=time.time(),
+                               order_id=f"demo-order-{number:04d}", customer=f"customer-{rng.randint(1, 5)}",
+                               due_days=(0.5, 3.0))
+        document = order_document(order)
+        for part in document["parts"]:
+            part["material"] = DEMO_MATERIALS.get(part["technology"], part["material"])
+        request = {"correlation_id": f"{document['order_id']}-{uuid.uuid4().hex[:6]}", "client_id": ORDER_CLIENT,
+                   "order": document}
+        assert self._orders_client is not None
+        self._orders_client.publish(topics.routing_request_topic(), schemas.dumps(request), qos=1)
+
+    def final_routing(self) -> dict[str, int]:
+        """Routing responses seen by the view: orders answered, units routed, units rejected."""
+        if self.view is None:
+            return {}
+        with self.view.view.lock:
+            return dict(self.view.view.routing)
 
     def final_insights(self) -> dict[str, Any]:
         """The latest iteration insights per tenant/model, as received on the insights topics."""
@@ -206,7 +245,11 @@ class Demo:
 
     def stop(self) -> None:
         # Reverse order: the view, then the agent (drains its batches), the twin, the broker.
-        parts = ((self.view, "view"), *((agent, "agent") for agent in self.agents), (self.loop, "loop"),
+        if self._orders_client is not None:
+            self._orders_client.disconnect()
+            self._orders_client.loop_stop()
+        parts = ((self.view, "view"), *((agent, "agent") for agent in self.agents), (self.routing, "routing"),
+                 (self.loop, "loop"),
                  (self.twin, "twin"), (self.broker, "broker"), (self.secure, "broker"))
         for part, name in parts:
             if part is None:
@@ -255,10 +298,15 @@ def run(args: argparse.Namespace) -> int:
         demo.start()
         deadline = started + args.duration if args.duration > 0 else None
         switch_at = started + args.revision_at if args.revision_at > 0 else None
+        next_order, orders = (started + 3.0 if args.order_every > 0 else None), 0
         while not stop.is_set():
             if switch_at is not None and time.time() >= switch_at:
                 demo.switch_revision("C")
                 switch_at = None
+            if next_order is not None and time.time() >= next_order:
+                orders += 1
+                demo.send_order(orders)
+                next_order += args.order_every
             if deadline is not None and time.time() >= deadline:
                 break
             if demo.view is not None and not args.no_view:
@@ -266,6 +314,7 @@ def run(args: argparse.Namespace) -> int:
             stop.wait(args.refresh if deadline is None else max(0.0, min(args.refresh, deadline - time.time())))
         twins = demo.final_twins()
         insights = demo.final_insights()
+        routing = demo.final_routing()
     finally:
         for sig, handler in previous.items():
             with contextlib.suppress(ValueError):
@@ -273,5 +322,6 @@ def run(args: argparse.Namespace) -> int:
         demo.stop()
     print(f"\nforgeline demo ran {time.time() - started:.0f} s; final twin state:\n{_summary(twins)}")
     if args.summary_json:
-        args.summary_json.write_text(json.dumps({"twins": twins, "insights": insights}, indent=2, default=str))
+        summary = {"twins": twins, "insights": insights, "routing": routing}
+        args.summary_json.write_text(json.dumps(summary, indent=2, default=str))
     return 0

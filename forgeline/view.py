@@ -55,6 +55,8 @@ class TwinView:
     fleets: dict[str, dict[str, Any]] = field(default_factory=dict)
     anomalies: list[dict[str, Any]] = field(default_factory=list)
     insights: dict[str, dict[str, Any]] = field(default_factory=dict)
+    routing: dict[str, int] = field(default_factory=lambda: {"orders": 0, "assigned": 0, "rejected": 0})
+    routing_last: list[str] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
     messages: int = 0
 
@@ -72,6 +74,18 @@ class TwinView:
                 self.fleets[parsed.tenant] = document
             elif parsed.kind == "insights" and parsed.model:
                 self.insights[f"{parsed.tenant}/{parsed.model}"] = document
+            elif parsed.kind == "routing_response" and isinstance(document, dict):
+                assigned, rejected = document.get("assignments", []), document.get("rejected", [])
+                self.routing["orders"] += 1
+                self.routing["assigned"] += len(assigned)
+                self.routing["rejected"] += len(rejected)
+                printers = sorted({str(a.get("printer", "?")).split("/")[-1] for a in assigned})
+                reasons = sorted({str(r.get("reason", ""))[:60] for r in rejected})
+                self.routing_last.append(
+                    f"{document.get('order_id', document.get('correlation_id', '?'))}: {len(assigned)} units -> "
+                    f"{', '.join(printers) or '-'}" + (f"; rejected {len(rejected)}: {'; '.join(reasons)}" if rejected
+                                                       else ""))
+                del self.routing_last[:-3]
             elif parsed.kind == Kind.ANOMALY.value:
                 self.anomalies.append(document)
                 del self.anomalies[:-6]
@@ -131,6 +145,13 @@ class TwinView:
             for item in flagged[:3]:
                 lines.append(f"  ! {json.dumps({k: item.get(k) for k in ('kpi', 'channel', 'revision', 'effect')})}")
             lines.append("")
+        with self.lock:
+            routing, routing_last = dict(self.routing), list(self.routing_last)
+        if routing["orders"]:
+            lines.append(c(_BOLD, "order routing") + f"  {routing['orders']} orders, {routing['assigned']} units "
+                         f"routed, {routing['rejected']} rejected")
+            lines += [f"  {text}" for text in routing_last]
+            lines.append("")
         if anomalies:
             lines.append(c(_BOLD, "recent anomaly events"))
             for event in anomalies[-6:]:
@@ -145,12 +166,14 @@ class LiveView:
     """Subscribes to twin topics and redraws a :class:`TwinView` every ``refresh_s`` seconds."""
 
     def __init__(self, settings: MqttSettings, out: TextIO = sys.stdout, refresh_s: float = 1.0,
-                 status_line: Callable[[], str] | None = None, draw_enabled: bool = True) -> None:
+                 status_line: Callable[[], str] | None = None, draw_enabled: bool = True,
+                 routing_client: str | None = None) -> None:
         self.settings, self.out, self.refresh_s = settings, out, refresh_s
         self.view = TwinView()
         self.status_line = status_line
         self.tty = out.isatty() and draw_enabled
         self._client: paho.Client | None = None
+        self.routing_client = routing_client
 
     def start(self) -> None:
         client = connect(self.settings, client_id=None)
@@ -160,6 +183,7 @@ class LiveView:
             (f"{topics.PREFIX}/+/fleet", 1),
             (topics.device_filter(Kind.ANOMALY), 1),
             (topics.insights_filter(), 1),
+            *([(topics.routing_response_topic(self.routing_client), 1)] if self.routing_client else []),
         ])
         self._client = client
         if self.tty:

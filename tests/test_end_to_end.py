@@ -105,6 +105,9 @@ def test_demo_command_runs_the_whole_stack(tmp_path: Path) -> None:
     schemas.validate("insights", insight)
     units = {r["revision"]: r["units"] for r in insight["revisions"]}
     assert units.get("B", 0) > 0 and units.get("C", 0) > 0, units
+    # Customer orders went through order routing to the partner printers.
+    routing = document["routing"]
+    assert routing["orders"] >= 2 and routing["assigned"] > 0, routing
 
 
 def test_demo_secure_mode(tmp_path: Path) -> None:
@@ -124,6 +127,7 @@ def test_demo_secure_mode(tmp_path: Path) -> None:
     assert all(t["samples"] > 0 for t in document["twins"])
     units = {r["revision"]: r["units"] for r in document["insights"]["oven-plant/MW-20"]["revisions"]}
     assert units.get("B", 0) > 0 and units.get("C", 0) > 0, units
+    assert document["routing"]["assigned"] > 0, document["routing"]  # routing dispatches through the ACLs
     conf = (tmp_path / "d" / "secure-broker").rglob("*.conf")
     text = "\n".join(p.read_text() for p in conf)
     assert "allow_anonymous false" in text and "require_certificate true" in text
