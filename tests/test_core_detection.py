@@ -85,3 +85,41 @@ def test_snapshot_from_before_the_device_gate_fields_restores() -> None:
     assert json.loads(header)["devices"] == restored.devices
     assert restored.devf[d, DF_BASE_N] == restored.devf[d, DF_N] == core.devf[d, DF_N]
     assert restored.chan[d, 0, CH_Q] > 100 and restored.devf[d, DF_HOT] == core.devf[d, DF_HOT] == 1.0
+
+
+def test_several_values_of_a_channel_at_one_timestamp_are_all_measurements() -> None:
+    """Bug: a line station that completed three units since its last report sends three values of
+    each measurement with one timestamp; all but the first were dropped as "replayed duplicates",
+    so the detectors saw a third of the units. Only a repeat of time *and* value is a duplicate."""
+    from twin.core.layout import CH_FIELDS
+
+    core = FleetCore(max_devices=1, channels_per_device=2)
+    d = core.add_device("acme/s/a/d0", technology="FDM", channels=["x_a"])
+    t = np.full(3, T0, np.int64)
+    stats = core.ingest(np.zeros(3, np.int32), np.zeros(3, np.int32), t, np.array([1.0, 2.0, 3.0]))
+    assert stats.accepted == 3
+    assert core.chan[d, 0, 2] == 3.0  # rest regime: three samples learned
+    core.ingest(np.zeros(1, np.int32), np.zeros(1, np.int32), t[:1], np.array([3.0]))  # a replay of the last
+    assert core.chan[d, 0, 2] == 3.0 and CH_FIELDS == 16
+    ref = ReferenceFleet([["x_a"]])
+    ref.ingest([(0, 0, T0, 1.0), (0, 0, T0, 2.0), (0, 0, T0, 3.0), (0, 0, T0, 3.0)])
+    assert ref.devices[0].channels[0].n[0] == 3.0
+
+
+def test_unit_excursions_reported_three_per_tick_raise_events() -> None:
+    """Three units per tick, one tick a second; a +7 σ excursion of 12 units (4 ticks) on one of
+    three measurements must open an event each time (with a third of the units it did not)."""
+    rng = np.random.default_rng(5)
+    channels = ["state", "x_power", "x_rise", "x_cycle"]
+    excursions = [300, 500, 700, 900]
+    samples: list[Sample] = []
+    for tick in range(1000):
+        t = T0 + tick * 1_000_000
+        shift = 7.0 if any(start <= tick < start + 4 for start in excursions) else 0.0
+        for _ in range(3):
+            samples += [(0, 1, t, 800 + 15 * rng.normal()), (0, 2, t, 11.3 + 0.3 * rng.normal() + 0.3 * shift)]
+            samples.append((0, 3, t, 65 + 3 * rng.normal()))
+        samples.append((0, 0, t, 3.0))
+    events = _run(channels, samples)
+    for start in excursions:
+        assert _starts_in(events, start, start + 8) == 1, (start, events)

@@ -47,6 +47,7 @@ from twin.core.layout import (
     CH_CUSUM_REGIME,
     CH_FIELDS,
     CH_LAST_T,
+    CH_LAST_X,
     CH_Q,
     DETECTOR_CODES,
     DF_BASE_N,
@@ -295,6 +296,7 @@ class FleetCore:
         self.role = np.zeros((capacity, n_channels), dtype=np.int8)
         self.chan = _aligned_zeros((capacity, n_channels, CH_FIELDS), np.float64)
         self.chan[:, :, CH_LAST_T] = -np.inf
+        self.chan[:, :, CH_LAST_X] = np.nan
         self.chan[:, :, CH_CUSUM_REGIME] = -1.0
         self.devf = np.zeros((capacity, DF_FIELDS), dtype=np.float64)
         self.devf[:, DF_PLANNED_CYCLE_S] = np.nan
@@ -698,6 +700,7 @@ class FleetCore:
         detector = self.role[:used] == ROLE_ANALOG
         over = self.chan[:used, :, CH_Q] > self._params[P_Q_GATE]
         self.devf[:used, DF_HOT] = np.count_nonzero(detector & over, axis=1)
+        self.chan[:used, :, CH_LAST_X] = np.nan  # the field held the unused score then
 
     def _builds_index(self, record: BuildRecord) -> int:
         for i, b in enumerate(self._builds):

@@ -27,6 +27,7 @@ from twin.core.layout import (
     CH_CUSUM_REGIME,
     CH_EWMA,
     CH_LAST_T,
+    CH_LAST_X,
     CH_Q,
     DET_CUSUM,
     DET_EWMA,
@@ -794,9 +795,12 @@ def ingest_batch(
                 stats[ST_LATE] += 1
                 continue
             stats[ST_ACCEPTED] += 1
-            if t == row[CH_LAST_T]:
+            if t == row[CH_LAST_T] and x == row[CH_LAST_X]:
                 continue  # a replayed duplicate: already learned
+            # (another value at the same time is a new measurement: a station that completed
+            # several units since its last report sends their values with one timestamp)
             row[CH_LAST_T] = t
+            row[CH_LAST_X] = x
             # the device baseline learns only from ticks with a warmed-up channel, so the sum does
             # not jump when channels leave their warm-up
             warm = row[3 * regime + 2] >= warmup

@@ -65,7 +65,10 @@ CH_CUSUM_POS: Final = 9
 CH_CUSUM_NEG: Final = 10
 CH_CUSUM_REGIME: Final = 11  # the regime the CUSUM sums belong to (reset on a regime change)
 CH_Q: Final = 12  # the channel's last statistic in z² units (its share of the device sum)
-CH_SCORE: Final = 13  # unused since the score is derived from CH_Q on read (kept: layout and snapshots)
+# last accepted value (NaN before the first): a sample is a replayed duplicate only when both its time
+# and its value repeat, so several values at one timestamp (units measured within one tick) all count.
+# (Field 13 held the channel score before the score was derived from CH_Q on read.)
+CH_LAST_X: Final = 13
 CH_LAST_T: Final = 14  # last accepted timestamp, µs (exact in float64 until the year 2255)
 CH_EWMA: Final = 15  # fast exponentially weighted mean of the channel (EWMA control chart)
 CH_FIELDS: Final = 16

@@ -55,6 +55,7 @@ class RefChannel:
     q: float = 0.0
     score: float = 0.0
     last_t: float = -math.inf
+    last_x: float = math.nan
 
     def step(self, regime: int, x: float, cfg: CoreConfig) -> float:
         """Score then learn; return the change of q."""
@@ -266,9 +267,10 @@ class ReferenceFleet:
                     self.stats["late"] += 1
                     continue
                 self.stats["accepted"] += 1
-                if t == channel.last_t:
-                    continue
+                if t == channel.last_t and x == channel.last_x:
+                    continue  # a replayed duplicate; another value at the same time is a new one
                 channel.last_t = t
+                channel.last_x = x
                 regime = self._regime(dev)
                 warm = channel.n[regime] >= self.cfg.warmup_samples
                 dev.total += channel.step(regime, x, self.cfg)
