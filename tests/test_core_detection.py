@@ -5,6 +5,7 @@ kernel (FleetCore) and through the pure-Python reference, which must raise the s
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from twin.core import CoreConfig, FleetCore
 from twin.core.reference import ReferenceFleet
@@ -123,3 +124,42 @@ def test_unit_excursions_reported_three_per_tick_raise_events() -> None:
     events = _run(channels, samples)
     for start in excursions:
         assert _starts_in(events, start, start + 8) == 1, (start, events)
+
+
+def _held_unit_samples(seed: int, excursion_units: range) -> list[Sample]:
+    """A station polled once a second: a unit every 10 s whose measurement the agent repeats until the
+    next unit (a PLC register), the state flipping to idle for the last 3 s of each cycle, and a
+    continuous analog channel that follows the state."""
+    rng = np.random.default_rng(seed)
+    samples: list[Sample] = []
+    value = 11.3
+    for tick in range(4000):
+        t = T0 + tick * 1_000_000
+        unit, phase = divmod(tick, 10)
+        if phase == 0:  # a new unit's measurement
+            value = round(11.3 + 0.3 * rng.normal() + (2.1 if unit in excursion_units else 0.0), 3)
+        producing = phase < 7
+        samples.append((0, 1, t, value))  # reported before the state, as the stations do
+        samples.append((0, 0, t, 3.0 if producing else 1.0))
+        samples.append((0, 2, t, (1.8 if producing else 0.1) + 0.1 * rng.normal()))
+    return samples
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_held_unit_measurements_are_one_sample_per_unit(seed: int) -> None:
+    """Bug: per-unit measurements repeated between units were learned as new samples (the baseline
+    weighed units by how long they are held and the EWMA chart converged on every held value, so an
+    ordinary unit 2 σ off scored as an incident) and scored against the baseline of the station's
+    state, which flips to idle between units. A repeat of a unit channel's last value is the same
+    unit now, and unit channels have one baseline."""
+    from twin.core.layout import REGIME_PRODUCING, REGIME_REST
+
+    channels = ["state", "cavity_temp_rise", "vibration"]
+    events = _run(channels, _held_unit_samples(seed, range(300, 306)))
+    starts = [t for phase, t in events if phase == "start"]
+    assert len(starts) == 1 and T0 + 3000 * 1_000_000 <= starts[0] < T0 + 3060 * 1_000_000, events
+    core = FleetCore(max_devices=1, channels_per_device=3)
+    core.add_device("acme/s/a/d0", technology="line", channels=channels)
+    samples = _held_unit_samples(seed, range(0))
+    core.ingest(*(np.array(column) for column in zip(*samples, strict=True)))
+    assert core.chan[0, 1, 3 * REGIME_PRODUCING + 2] == 400 and core.chan[0, 1, 3 * REGIME_REST + 2] == 0

@@ -50,6 +50,7 @@ from twin.core.layout import (
     CH_LAST_X,
     CH_Q,
     DETECTOR_CODES,
+    DETECTOR_ROLES,
     DF_BASE_N,
     DF_FIELDS,
     DF_HOT,
@@ -98,7 +99,6 @@ from twin.core.layout import (
     P_SILENCE_MS,
     P_WARMUP,
     P_Z_SCALE2,
-    ROLE_ANALOG,
     SHIFT_BUCKETS,
     ST_ACCEPTED,
     ST_FIELDS,
@@ -659,7 +659,7 @@ class FleetCore:
         return {
             name: channel_score(float(self.chan[device, slot, CH_Q]), float(self._params[P_Z_SCALE2]))
             for slot, name in enumerate(self._channel_names[device])
-            if self.role[device, slot] == ROLE_ANALOG
+            if self.role[device, slot] in DETECTOR_ROLES
         }
 
     def take_peak(self, device: int) -> float:
@@ -697,7 +697,7 @@ class FleetCore:
         self.devf[:used, : stored.shape[1]] = stored
         # the old baseline learned from every tick; hot channels are those over the gate now
         self.devf[:used, DF_BASE_N] = stored[:, DF_N]
-        detector = self.role[:used] == ROLE_ANALOG
+        detector = np.isin(self.role[:used], DETECTOR_ROLES)
         over = self.chan[:used, :, CH_Q] > self._params[P_Q_GATE]
         self.devf[:used, DF_HOT] = np.count_nonzero(detector & over, axis=1)
         self.chan[:used, :, CH_LAST_X] = np.nan  # the field held the unused score then
@@ -738,6 +738,9 @@ class FleetCore:
                         core._upgrade_devf(stored)
                     else:
                         target[: len(devices)] = stored
+        for d, names in enumerate(core._channel_names):
+            # roles follow from the names: a snapshot from before a role existed gets it here
+            core.role[d, : len(names)] = [role_of_channel(name) for name in names]
         core._builds.extend(BuildRecord(**b) for b in meta["builds"])
         builds = list(core._builds)
         core._active_builds = {int(d): builds[i] for d, i in meta["active"].items()}

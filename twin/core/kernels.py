@@ -96,12 +96,14 @@ from twin.core.layout import (
     PRODUCING_STATE,
     Q_CAP,
     REGIME_OF_STATE,
+    REGIME_PRODUCING,
     ROLE_ANALOG,
     ROLE_GOOD,
     ROLE_LAYER_PROGRESS,
     ROLE_PRODUCED,
     ROLE_SCRAP,
     ROLE_STATE,
+    ROLE_UNIT,
     ROLE_UNUSED,
     ST_ACCEPTED,
     ST_INDEX,
@@ -434,22 +436,22 @@ def pca_tick(
     """
     p = last.shape[0]
     for i in range(p):
-        if role[i] == ROLE_ANALOG and np.isnan(last[i]):
+        if (role[i] == ROLE_ANALOG or role[i] == ROLE_UNIT) and np.isnan(last[i]):
             return 0.0  # not every channel has spoken yet: no complete vector
     n = dev[MV_N]
     if n < params[P_MV_WARMUP]:
         n += 1.0
         inv_n = 1.0 / n
         for i in range(p):
-            if role[i] == ROLE_ANALOG:
+            if role[i] == ROLE_ANALOG or role[i] == ROLE_UNIT:
                 # keep the pre-update deviation in eig (scratch until the fit) for the co-moments
                 eig[i] = last[i] - mean[i]
                 mean[i] += eig[i] * inv_n
         for i in range(p):
-            if role[i] == ROLE_ANALOG:
+            if role[i] == ROLE_ANALOG or role[i] == ROLE_UNIT:
                 after = last[i] - mean[i]
                 for j in range(p):
-                    if role[j] == ROLE_ANALOG:
+                    if role[j] == ROLE_ANALOG or role[j] == ROLE_UNIT:
                         cov[j, i] += eig[j] * after
         dev[MV_N] = n
         if n >= params[P_MV_WARMUP]:
@@ -789,7 +791,7 @@ def ingest_batch(
             if t_ms > devi[d, DI_LAST_SEEN_MS]:
                 devi[d, DI_LAST_SEEN_MS] = t_ms
             regime = current_regime(d, st_code, devi)
-        if r == ROLE_ANALOG:
+        if r in (ROLE_ANALOG, ROLE_UNIT):
             row = chan[d, c]
             if t < row[CH_LAST_T]:
                 stats[ST_LATE] += 1
@@ -800,15 +802,19 @@ def ingest_batch(
             # (another value at the same time is a new measurement: a station that completed
             # several units since its last report sends their values with one timestamp)
             row[CH_LAST_T] = t
+            held = r == ROLE_UNIT and x == row[CH_LAST_X]  # the same unit's value, polled again
             row[CH_LAST_X] = x
+            # a unit's measurement has one baseline whatever the station does between units
+            channel_regime = REGIME_PRODUCING if r == ROLE_UNIT else regime
             # the device baseline learns only from ticks with a warmed-up channel, so the sum does
             # not jump when channels leave their warm-up
-            warm = row[3 * regime + 2] >= warmup
-            old_q = row[CH_Q]
-            q = channel_step(row, regime, x, params)
-            devf[d, DF_SUM] += q - old_q
-            if (q > q_gate) != (old_q > q_gate):  # the count of channels over the learning gate
-                devf[d, DF_HOT] += 1.0 if q > q_gate else -1.0
+            warm = row[3 * channel_regime + 2] >= warmup
+            if not held:
+                old_q = row[CH_Q]
+                q = channel_step(row, channel_regime, x, params)
+                devf[d, DF_SUM] += q - old_q
+                if (q > q_gate) != (old_q > q_gate):  # the count of channels over the learning gate
+                    devf[d, DF_HOT] += 1.0 if q > q_gate else -1.0
             if multivariate:
                 mv_last[d, c] = x
                 warm = True  # the multivariate detector counts its own warm-up in complete ticks

@@ -24,8 +24,21 @@ ROLE_GOOD: Final = 4
 ROLE_SCRAP: Final = 5
 ROLE_LAYER_PROGRESS: Final = 6  # share of the build done, feeds fill_realised
 ROLE_IGNORED: Final = 7  # 'layer' and other layer* channels: monotone by design, not scored
+# A measurement of each unit a line station completes (feeds the detectors like ROLE_ANALOG). Its
+# value changes once per unit and agents that poll a register repeat it until the next unit, so:
+# a repeat of the last value is the same unit (accepted, neither scored nor learned again: learning
+# it would weigh units by how long they are held, shrink the variance during stops and make the
+# EWMA chart converge on any held value), and it has one baseline whatever the station's state (a
+# station flips to idle between units, often in the very tick that reports the unit's values).
+ROLE_UNIT: Final = 8
 
 COUNTER_ROLES: Final = {"produced_total": ROLE_PRODUCED, "good_total": ROLE_GOOD, "scrap_total": ROLE_SCRAP}
+# the catalog's per-unit measurements (forgeline/contract/vocabulary.py, oven-line stations); custom
+# per-unit channels are named x_unit_*
+UNIT_CHANNELS: Final = frozenset(
+    {"magnetron_power", "cavity_temp_rise", "door_leakage", "hipot_current", "insulation_resistance", "cycle_time"}
+)
+DETECTOR_ROLES: Final = (ROLE_ANALOG, ROLE_UNIT)
 
 
 def role_of_channel(name: str) -> int:
@@ -33,6 +46,8 @@ def role_of_channel(name: str) -> int:
 
     >>> role_of_channel("state"), role_of_channel("nozzle_temp"), role_of_channel("layer")
     (2, 1, 7)
+    >>> role_of_channel("cavity_temp_rise"), role_of_channel("x_unit_torque")
+    (8, 8)
     """
     if name == "state":
         return ROLE_STATE
@@ -42,6 +57,8 @@ def role_of_channel(name: str) -> int:
         return ROLE_LAYER_PROGRESS
     if name.startswith("layer"):
         return ROLE_IGNORED
+    if name in UNIT_CHANNELS or name.startswith("x_unit_"):
+        return ROLE_UNIT
     return ROLE_ANALOG
 
 

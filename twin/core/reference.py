@@ -21,14 +21,16 @@ from twin.core.layout import (
     DET_EWMA,
     DET_ZSCORE,
     DETECTOR_CODES,
+    DETECTOR_ROLES,
     N_REGIMES,
     PLANNED_BUSY,
     PRODUCING_STATE,
     Q_CAP,
     REGIME_OF_STATE,
-    ROLE_ANALOG,
+    REGIME_PRODUCING,
     ROLE_LAYER_PROGRESS,
     ROLE_STATE,
+    ROLE_UNIT,
     role_of_channel,
 )
 
@@ -261,7 +263,7 @@ class ReferenceFleet:
             name = self.names[d][c]
             role = role_of_channel(name)
             self._seen(dev, t)
-            if role == ROLE_ANALOG:
+            if role in DETECTOR_ROLES:
                 channel = dev.channels.setdefault(c, RefChannel())
                 if t < channel.last_t:
                     self.stats["late"] += 1
@@ -270,10 +272,13 @@ class ReferenceFleet:
                 if t == channel.last_t and x == channel.last_x:
                     continue  # a replayed duplicate; another value at the same time is a new one
                 channel.last_t = t
+                # a unit's measurement polled again is the same unit; it has one baseline
+                held = role == ROLE_UNIT and x == channel.last_x
                 channel.last_x = x
-                regime = self._regime(dev)
+                regime = REGIME_PRODUCING if role == ROLE_UNIT else self._regime(dev)
                 warm = channel.n[regime] >= self.cfg.warmup_samples
-                dev.total += channel.step(regime, x, self.cfg)
+                if not held:
+                    dev.total += channel.step(regime, x, self.cfg)
                 if self.cfg.multivariate:
                     dev.last[c] = x
                     warm = True
@@ -334,7 +339,7 @@ class ReferenceFleet:
         if cfg.multivariate:
             # the kernel's vector has one slot per configured channel slot (width), non-detector
             # slots inactive
-            active = [c for c, name in enumerate(self.names[d]) if role_of_channel(name) == ROLE_ANALOG]
+            active = [c for c, name in enumerate(self.names[d]) if role_of_channel(name) in DETECTOR_ROLES]
             if dev.pca is None:
                 dev.pca = RefPCA(self.width)
             row = [dev.last.get(c, math.nan) if c in active else 0.0 for c in range(self.width)]
