@@ -162,7 +162,7 @@ class TwinConfig:
             raise ConfigError(f"the configuration must be a mapping, got {type(doc).__name__}")
         doc = dict(doc)
         known = {f.name for f in fields(cls)} | {"core", "snapshot", "metrics"}
-        unknown = sorted(set(doc) - known)
+        unknown = sorted(repr(k) if not isinstance(k, str) else k for k in set(doc) - known)  # YAML keys may be null
         if unknown:
             raise ConfigError(f"unknown configuration keys: {', '.join(unknown)}")
         core = _section(doc.pop("core", {}), "core", {"max_devices", "channels_per_device"})
@@ -228,7 +228,7 @@ def _section(value: Any, name: str, allowed: set[str]) -> dict[str, Any]:
         return {}
     if not isinstance(value, dict):
         raise ConfigError(f"{name} must be a mapping, got {type(value).__name__}")
-    unknown = sorted(set(value) - allowed)
+    unknown = sorted(repr(k) if not isinstance(k, str) else k for k in set(value) - allowed)
     if unknown:
         raise ConfigError(f"unknown {name} keys: {', '.join(unknown)}")
     return dict(value)
