@@ -140,3 +140,60 @@ def test_snapshot_round_trip_changes_no_kpi(
     (tmp_path / "snap" / "twin.snapshot").write_bytes(b"garbage")
     assert not Snapshotter(tmp_path / "snap", 3600).restore(TwinService(config))
     assert list((tmp_path / "snap").glob("twin.bad-*"))
+
+
+def test_broker_restart_is_survived_and_health_says_so(fresh_mosquitto: Any, tenant: str, tmp_path: Path) -> None:
+    """The broker dies and comes back on the same port (with its persistence): the twin reports
+    unhealthy meanwhile, reconnects by itself and carries on where it was."""
+    import urllib.error
+    import urllib.request
+
+    from forgeline.broker import start_mosquitto
+
+    broker = fresh_mosquitto
+    port, workdir = broker.port, tmp_path / "persistent-broker"
+    broker.stop()
+    broker = start_mosquitto(port=port, workdir=workdir, persistence=True)
+    settings = MqttSettings(host=broker.host, port=port)
+    service = TwinService(twin_config(settings, tenant, metrics_port=0, session_expiry_s=300)).start()
+    assert service.metrics is not None
+    health_url = f"http://127.0.0.1:{service.metrics.port}/healthz"
+    ref = DeviceRef(tenant, "s", "a", "p1")
+    try:
+        publisher = Publisher(settings)
+        publisher.birth(ref, birth())
+        publisher.publish(ref.telemetry_topic, batch(0))
+        publisher.close()
+        deadline = time.monotonic() + 10
+        while service.ingestor.counters.samples_accepted < 30:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        time.sleep(1.2)  # the broker's autosave (1 s) has the twin's session on disk
+        broker.kill()
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                urllib.request.urlopen(health_url, timeout=2)
+            except urllib.error.HTTPError as exc:
+                assert exc.code == 503 and json.loads(exc.read())["connected"] is False
+                break
+            assert time.monotonic() < deadline, "healthz stayed 200 without a broker"
+            time.sleep(0.1)
+        broker = start_mosquitto(port=port, workdir=workdir, persistence=True)
+        deadline = time.monotonic() + 20
+        while not service.connected:
+            assert time.monotonic() < deadline, "the twin did not reconnect"
+            time.sleep(0.1)
+        publisher = Publisher(settings)
+        publisher.publish(ref.telemetry_topic, batch(1))
+        publisher.close()
+        deadline = time.monotonic() + 10
+        while service.ingestor.counters.samples_accepted < 60:
+            assert time.monotonic() < deadline, "no ingest after the reconnect"
+            time.sleep(0.05)
+        assert urllib.request.urlopen(health_url, timeout=2).status == 200
+        runtime = service.ingestor.runtime[service.ingestor.registry.devices[ref.key].index]
+        assert runtime.sequences.last_seq == 1 and runtime.sequences.gaps == 0
+    finally:
+        service.stop()
+        broker.stop()
