@@ -12,7 +12,7 @@ A YAML (or JSON) file, every key optional::
     fleet_interval_s: 5.0
     max_clock_skew_s: 300                # batches further in the future are dead-lettered
     unknown_device_hold_s: 10            # telemetry before the birth message waits this long
-    max_queue: 200000                    # messages waiting for the ingest thread (back-pressure)
+    max_queue: 2000                      # QoS 1 messages in flight to the twin before it acknowledges
     cycle_max_messages: 5000             # messages per ingest cycle (one core call)
     cycle_interval_s: 0.005              # at most one cycle per interval unless the queue is full
     core: {max_devices: 1024, channels_per_device: 32}
@@ -98,7 +98,7 @@ class TwinConfig:
     max_message_bytes: int = 16 * 1024 * 1024  # larger telemetry messages are dead-lettered unread
     unknown_device_hold_s: float = 10.0
     unknown_device_max_messages: int = 1000
-    max_queue: int = 200_000
+    max_queue: int = 2000  # MQTT 5 Receive Maximum: unacknowledged QoS 1 messages (back-pressure), <= 65535
     cycle_max_messages: int = 5000
     cycle_interval_s: float = 0.005  # minimum spacing of ingest cycles: bounds the per-cycle overhead
     max_devices: int = 1024
@@ -135,6 +135,8 @@ class TwinConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if isinstance(self.max_queue, int) and self.max_queue > 65535:
+            raise ConfigError(f"max_queue is the MQTT receive maximum, at most 65535, got {self.max_queue}")
         if self.metrics_port is not None and not 0 <= self.metrics_port < 65536:  # 0: any free port
             raise ConfigError(f"metrics.port out of range: {self.metrics_port}")
 

@@ -44,7 +44,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-RECEIVE_MAXIMUM = 2000  # QoS 1 messages the broker may have in flight to us before we acknowledge
 
 
 @contextmanager
@@ -169,7 +168,7 @@ class TwinService:
         if settings.protocol == 5:
             props = Properties(PacketTypes.CONNECT)
             props.SessionExpiryInterval = self.config.session_expiry_s if persistent else 0
-            props.ReceiveMaximum = RECEIVE_MAXIMUM
+            props.ReceiveMaximum = self.config.max_queue
         client.reconnect_delay_set(1, 10)
         try:
             if settings.protocol == 5:
