@@ -4,6 +4,7 @@ anomaly-free KPIs, dead letters for bad input, de-duplication, the query API and
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -260,3 +261,20 @@ def test_metrics_and_health_endpoints(
     assert health["connected"] and not health["ingest_stalled"]
     with pytest.raises(urllib.error.HTTPError):
         urllib.request.urlopen(f"{url}/nope", timeout=5)
+
+
+def test_a_flood_of_bad_input_is_counted_and_rate_limited(
+    service_factory: Callable[..., TwinService], publisher: Publisher, collect: Callable[..., Collector], tenant: str
+) -> None:
+    service = service_factory(tenant, dead_letter_rate_per_s=5)
+    dead = collect(topics.deadletter_topic(tenant))
+    ref = DeviceRef(tenant, "s", "a", "noisy")
+    publisher.birth(ref, birth())
+    for _ in range(40):
+        publisher.publish(ref.telemetry_topic, b"junk", qos=1)
+    deadline = time.monotonic() + 10
+    while service.ingestor.counters.dead_letters.get("TelemetryError", 0) < 40:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    messages = dead.wait_for(lambda m: len(m) + service.dead_letters_suppressed >= 40)
+    assert 5 <= len(messages) < 40 and len(messages) + service.dead_letters_suppressed == 40

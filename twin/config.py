@@ -96,6 +96,7 @@ class TwinConfig:
     fleet_interval_s: float = 5.0
     max_clock_skew_s: float = 300.0
     max_message_bytes: int = 16 * 1024 * 1024  # larger telemetry messages are dead-lettered unread
+    dead_letter_rate_per_s: float = 100.0  # per tenant; beyond it dead letters are counted, not published
     unknown_device_hold_s: float = 10.0
     unknown_device_max_messages: int = 1000
     max_queue: int = 2000  # MQTT 5 Receive Maximum: unacknowledged QoS 1 messages (back-pressure), <= 65535
@@ -128,7 +129,8 @@ class TwinConfig:
             raise ConfigError(f"affinity must be 'handoff' or 'broker', got {self.affinity!r}")
         for name in ("publish_interval_s", "snapshot_interval_s", "cycle_interval_s"):
             _positive(name, getattr(self, name), allow_zero=name != "snapshot_interval_s")
-        for name in ("fleet_interval_s", "max_clock_skew_s", "unknown_device_hold_s", "heartbeat_s"):
+        for name in ("fleet_interval_s", "max_clock_skew_s", "unknown_device_hold_s", "heartbeat_s",
+                     "dead_letter_rate_per_s"):
             _positive(name, getattr(self, name))
         for name in ("unknown_device_max_messages", "max_queue", "session_expiry_s", "max_message_bytes",
                      "cycle_max_messages", "max_devices", "channels_per_device"):

@@ -11,6 +11,7 @@ nothing per message for them.
 | ``forgeline_twin_batches_duplicate_total`` | counter | telemetry batches dropped as duplicates |
 | ``forgeline_twin_batches_historical_total`` | counter | replayed batches accepted |
 | ``forgeline_twin_dead_letters_total{reason}`` | counter | messages dead-lettered, by reason class |
+| ``forgeline_twin_dead_letters_suppressed_total`` | counter | dead letters over the per-tenant rate, not published |
 | ``forgeline_twin_anomaly_events_total`` | counter | anomaly events opened or closed |
 | ``forgeline_twin_devices`` | gauge | devices known |
 | ``forgeline_twin_queue_depth`` | gauge | messages received, not yet processed |
@@ -76,6 +77,8 @@ class TwinCollector(Collector):
         for reason, value in sorted(counters.dead_letters.items()):
             dead.add_metric([worker, reason], value)
         yield dead
+        yield counter("dead_letters_suppressed", "dead letters counted but not published (rate limit)",
+                      service.dead_letters_suppressed)
         yield counter("anomaly_events", "anomaly events opened or closed", counters.anomaly_events)
         yield gauge("devices", "devices known", len(service.ingestor.registry))
         yield gauge("queue_depth", "messages received, not yet processed", service.queue_depth)

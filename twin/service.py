@@ -92,6 +92,8 @@ class TwinService:
         self._restored = False
         self._last_cycle_start = 0.0
         self._stop_deadline = 0.0
+        self._dead_letter_tokens: dict[str | None, tuple[float, float]] = {}
+        self.dead_letters_suppressed = 0  # counted, not published (over dead_letter_rate_per_s)
         self._started_at = 0.0
         self.last_cycle_at = 0.0
         self.publish_failures = 0
@@ -349,6 +351,17 @@ class TwinService:
             self.publish_failures += 1
 
     def _publish_dead_letter(self, letter: DeadLetter) -> None:
+        # A flood of bad input must not become a flood of dead letters: per tenant at most
+        # dead_letter_rate_per_s are published (a token bucket); every one is counted either way.
+        now = time.monotonic()
+        rate = self.config.dead_letter_rate_per_s
+        tokens, last = self._dead_letter_tokens.get(letter.tenant, (rate, now))
+        tokens = min(rate, tokens + (now - last) * rate)
+        if tokens < 1.0:
+            self._dead_letter_tokens[letter.tenant] = (tokens, now)
+            self.dead_letters_suppressed += 1
+            return
+        self._dead_letter_tokens[letter.tenant] = (tokens - 1.0, now)
         log.info("dead letter %s: %s", letter.topic, letter.reason)
         self._publish(topics.deadletter_topic(letter.tenant), letter.document())
 
