@@ -257,6 +257,8 @@ def test_metrics_and_health_endpoints(
     assert f'forgeline_twin_batches_duplicate_total{{worker="{worker}"}} 1.0' in text
     assert f'forgeline_twin_dead_letters_total{{reason="TelemetryError",worker="{worker}"}} 1.0' in text
     assert f'forgeline_twin_devices{{worker="{worker}"}} 1.0' in text
+    lag = next(float(line.split()[-1]) for line in text.splitlines() if line.startswith("forgeline_twin_lag_seconds"))
+    assert 0.0 < lag < 5.0  # receive -> processed of the last cycle, measured
     health = json.loads(urllib.request.urlopen(f"{url}/healthz", timeout=5).read())
     assert health["connected"] and not health["ingest_stalled"]
     with pytest.raises(urllib.error.HTTPError):

@@ -229,6 +229,7 @@ class TwinService:
             log.warning("twin %s disconnected (%s); paho reconnects", self.worker_id, reason_code)
 
     def _on_message(self, _c: paho.Client, _u: Any, message: paho.MQTTMessage) -> None:
+        message.timestamp = time.monotonic()  # paho leaves it 0 for incoming messages: the lag metric
         self._inbox.append(message)
         # Run the cycle right here in the network thread when it is due and nothing else holds the
         # state: two busy Python threads would hand the GIL back and forth on every socket read
@@ -336,7 +337,7 @@ class TwinService:
                             client.ack(message.mid, message.qos)
                         except Exception:  # a disconnect in between: the broker redelivers, dedup drops it
                             pass
-            self.lag_s = now - messages[0].timestamp if messages[0].timestamp else 0.0
+            self.lag_s = time.monotonic() - messages[0].timestamp if messages[0].timestamp else 0.0
             self._publish_result(result, now)
             for message in api:
                 self._answer(message)
