@@ -163,3 +163,44 @@ def test_held_unit_measurements_are_one_sample_per_unit(seed: int) -> None:
     samples = _held_unit_samples(seed, range(0))
     core.ingest(*(np.array(column) for column in zip(*samples, strict=True)))
     assert core.chan[0, 1, 3 * REGIME_PRODUCING + 2] == 400 and core.chan[0, 1, 3 * REGIME_REST + 2] == 0
+
+
+def test_one_strong_channel_among_many_opens_an_event() -> None:
+    """Bug: the device score compared only the sum of all channel statistics with its baseline
+    (Brown's method), which dilutes an incident on one channel: a 9 σ shift of one of six unit
+    measurements for four ticks scored about 0.6 and never reached event_on. The strongest unit
+    channel now counts as one of m tests (q − 2 ln m) next to the sum."""
+    rng = np.random.default_rng(11)
+    channels = ["state", *[f"x_unit_{i}" for i in range(6)]]
+    excursions = [200, 400, 600, 800]
+    samples: list[Sample] = []
+    for tick in range(1000):
+        t = T0 + tick * 1_000_000
+        samples.append((0, 0, t, 3.0))
+        for c in range(6):
+            shift = 9.0 if c == 2 and any(start <= tick < start + 4 for start in excursions) else 0.0
+            samples.append((0, c + 1, t, 20.0 * c + rng.normal() + shift))
+    events = _run(channels, samples)
+    assert sum(1 for phase, _ in events if phase == "start") == len(excursions), events
+    for start in excursions:
+        assert _starts_in(events, start, start + 6) == 1, (start, events)
+
+
+def test_a_change_that_persists_is_adopted_after_incident_adopt_s() -> None:
+    """Bug: the learning gate held as long as a channel scored over it, so a change that persisted
+    (or a spread the warm-up underestimated) stayed "anomalous" for good: the event never closed and
+    the device could not report the next incident. After incident_adopt_s the gate lets go."""
+    rng = np.random.default_rng(2)
+    config = CoreConfig(incident_adopt_s=60.0)
+    channels = ["state", "x_unit_a", "x_unit_b"]
+    samples: list[Sample] = []
+    for tick in range(1600):
+        t = T0 + tick * 1_000_000
+        a = 10.0 + rng.normal() + (8.0 if tick >= 200 else 0.0)  # a new normal from tick 200 on
+        b = 20.0 + rng.normal() + (9.0 if 1300 <= tick < 1306 else 0.0)  # a later incident
+        samples += [(0, 0, t, 3.0), (0, 1, t, a), (0, 2, t, b)]
+    events = _run(channels, samples, config)
+    assert _starts_in(events, 200, 210) == 1, events
+    ends = [t for phase, t in events if phase == "end"]
+    assert ends and ends[0] < T0 + 1200 * 1_000_000, events  # adopted: the first incident is over
+    assert _starts_in(events, 1300, 1310) == 1, events

@@ -82,8 +82,13 @@ class CoreConfig:
         warmup_samples: samples per channel and regime before a score is given (score 0 until then).
         z_scale: the z-score that maps to a score of 0.5 (score = z² / (z² + z_scale²)).
         cusum_drift, cusum_scale: CUSUM allowance k (in σ) and the sum that maps to 0.5.
-        learn_gate: above this device score the baselines learn ``gated_learn_factor`` times slower,
-            so an incident does not become the new normal while it lasts.
+        learn_gate: channels scoring above this (and the device baseline, while one does or the
+            device score is above it) learn ``gated_learn_factor`` times slower, so an incident
+            does not become the new normal while it lasts.
+        incident_adopt_s: ... but an incident lasts at most this long: once some channel of the
+            device has been over the gate for this long without a break, the gate lets go and the
+            baselines adopt a change that persists (without it, a channel whose baseline
+            underestimated its spread, or that shifted for good, stayed "anomalous" forever).
         event_on, event_off, event_min_samples: hysteresis of anomaly events.
 
     Multivariate detector (``detector="pca"``; Hotelling's T² + Q on a PCA fitted per device):
@@ -115,6 +120,7 @@ class CoreConfig:
     ewma_lambda: float = 0.1
     learn_gate: float = 0.5
     gated_learn_factor: float = 0.05
+    incident_adopt_s: float = 900.0
     relative_noise_floor: float = 1e-4
     event_on: float = 0.8
     event_off: float = 0.5
@@ -156,6 +162,8 @@ class CoreConfig:
             raise ValueError("ewma_lambda must be in (0, 1]")
         if not 0 <= self.gated_learn_factor <= 1:
             raise ValueError("gated_learn_factor must be in [0, 1]")
+        if not self.incident_adopt_s > 0:
+            raise ValueError("incident_adopt_s must be positive")
         if self.mv_warmup_samples < 3:
             raise ValueError("mv_warmup_samples must be at least 3 (a correlation matrix needs them)")
         if not 0 < self.mv_explained_variance <= 1 or not 0.5 < self.mv_p_value < 1:

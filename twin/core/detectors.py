@@ -103,11 +103,11 @@ class StreamingDetector:
         if self._multivariate is not None:
             return self._multivariate.score_one([x])
         trial = self._row.copy()
-        channel_step(trial, self.regime, float(x), self._params)
+        channel_step(trial, self.regime, float(x), self._params, True)
         return channel_score(float(trial[CH_Q]), float(self._params[P_Z_SCALE2]))
 
     def learn_one(self, x: float) -> None:
         if self._multivariate is not None:
             self._multivariate.learn_one([x])
             return
-        channel_step(self._row, self.regime, float(x), self._params)
+        channel_step(self._row, self.regime, float(x), self._params, True)

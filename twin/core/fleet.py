@@ -62,6 +62,8 @@ from twin.core.layout import (
     DI_COUNTER_T,
     DI_FIELDS,
     DI_HAS_GOOD,
+    DI_HOT_SINCE,
+    DI_LAST_TICK_T,
     DI_LAYER_T,
     DI_STATE_COUNT,
     LV_BUCKET_MS,
@@ -71,6 +73,8 @@ from twin.core.layout import (
     LV_ORIGIN_MS,
     MV_FIELDS,
     MV_N,
+    NULL_MEAN_Q,
+    P_ADOPT_US,
     P_ALPHA,
     P_CUSUM_CAP,
     P_CUSUM_DRIFT,
@@ -93,6 +97,7 @@ from twin.core.layout import (
     P_MV_SCORE_BASE,
     P_MV_WARMUP,
     P_MV_Z,
+    P_NULL_Q,
     P_Q_EVENT_OFF,
     P_Q_GATE,
     P_REL_FLOOR,
@@ -182,6 +187,8 @@ def _params(config: CoreConfig) -> np.ndarray:
     params[P_CUSUM_CAP] = config.cusum_scale * 5.0
     params[P_LEARN_GATE] = config.learn_gate
     params[P_GATED_FACTOR] = config.gated_learn_factor
+    params[P_ADOPT_US] = config.incident_adopt_s * 1e6
+    params[P_NULL_Q] = NULL_MEAN_Q[config.detector]
     params[P_REL_FLOOR] = config.relative_noise_floor
     params[P_EVENT_ON] = config.event_on
     params[P_EVENT_OFF] = config.event_off
@@ -736,6 +743,10 @@ class FleetCore:
                     target = getattr(core, name)
                     if name == "devf" and stored.shape[1] < target.shape[1]:
                         core._upgrade_devf(stored)
+                    elif name == "devi" and stored.shape[1] < target.shape[1]:
+                        # before DI_HOT_SINCE: a running incident counts from the newest tick
+                        target[: len(devices), : stored.shape[1]] = stored
+                        target[: len(devices), DI_HOT_SINCE] = stored[:, DI_LAST_TICK_T]
                     else:
                         target[: len(devices)] = stored
         for d, names in enumerate(core._channel_names):

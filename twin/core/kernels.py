@@ -52,6 +52,7 @@ from twin.core.layout import (
     DI_EVENT_START_T,
     DI_FIRST_STATE_MS,
     DI_HAS_GOOD,
+    DI_HOT_SINCE,
     DI_LAST_SEEN_MS,
     DI_LAST_TICK_T,
     DI_LAYER_T,
@@ -66,6 +67,7 @@ from twin.core.layout import (
     MV_UCL_Q,
     MV_UCL_T2,
     N_STATES,
+    P_ADOPT_US,
     P_ALPHA,
     P_CUSUM_CAP,
     P_CUSUM_DRIFT,
@@ -87,6 +89,7 @@ from twin.core.layout import (
     P_MV_SCORE_BASE,
     P_MV_WARMUP,
     P_MV_Z,
+    P_NULL_Q,
     P_Q_EVENT_OFF,
     P_Q_GATE,
     P_REL_FLOOR,
@@ -114,6 +117,7 @@ from twin.core.layout import (
 )
 
 LEARN_CLIP = 3.0
+CALIBRATION_SLACK = 3.0  # how much hotter than calibrated a device's channel sum may run, see below
 _REGIME_OF_STATE = np.array(REGIME_OF_STATE, dtype=np.int64)
 _PLANNED_BUSY = np.array(PLANNED_BUSY, dtype=np.int64)
 
@@ -144,9 +148,10 @@ def score_of_q(q: float, z_scale2: float) -> float:
 
 
 @njit(**NJIT_OPTIONS)
-def channel_step(row: np.ndarray, regime: int, x: float, params: np.ndarray) -> float:
+def channel_step(row: np.ndarray, regime: int, x: float, params: np.ndarray, gate: bool) -> float:
     """Score ``x`` against the channel's baseline for ``regime``, then learn it; return the new q
-    (also stored in ``row[CH_Q]``).
+    (also stored in ``row[CH_Q]``). ``gate``: a sample over the learning gate learns slowly (False
+    once the device's incident has lasted P_ADOPT_US: the change is adopted).
 
     ``row`` is one channel's 16 float64 fields. Scoring comes first, so a sample never sees itself
     (no look-ahead). While a regime has fewer than ``warmup`` samples its statistic q is 0.
@@ -193,7 +198,7 @@ def channel_step(row: np.ndarray, regime: int, x: float, params: np.ndarray) -> 
         row[CH_EWMA] = row[CH_EWMA] + max(lam, 1.0 / (n + 1.0)) * (x - row[CH_EWMA])
     factor = 1.0
     # score q / (q + z_scale²) > learn_gate, compared as a statistic: no division per sample
-    if n >= params[P_WARMUP] and q > params[P_Q_GATE]:
+    if gate and n >= params[P_WARMUP] and q > params[P_Q_GATE]:
         factor = params[P_GATED_FACTOR]  # an incident must not become the new normal while it lasts
     learn_x = x
     if n >= params[P_WARMUP]:
@@ -235,10 +240,52 @@ def combined_score(total: float, mean: float, var: float, n: float, params: np.n
 
 
 @njit(**NJIT_OPTIONS)
+def strongest_channel_score(d: int, chan: np.ndarray, role: np.ndarray, mean_sum: float, params: np.ndarray) -> float:
+    """The device's strongest unit channel as one of m tests: q = κ·q_max − 2·ln m, scored q / (q + z_scale²).
+
+    Only per-unit measurements (ROLE_UNIT) take part: one value per independent unit, no dynamics,
+    so their statistics are calibrated. Continuous channels are not (trends, transients after a
+    state change, spreads a short warm-up underestimates: on SKAB and the simulated printers the
+    test over all channels tripled the false alarms); for them the sum's self-calibrating test
+    (Brown's method) decides alone.
+
+    The sum of channel statistics (Brown's method) dilutes an incident on one channel among many
+    (a 10 σ excursion on one of five channels scored 0.6, below event_on). The largest of m
+    χ²₁-like statistics exceeds x about m times as often as one does, and a χ²₁ tail falls by e
+    per 2 units of x, so subtracting 2·ln m keeps the false-alarm rate of one channel (Bonferroni).
+    That reading needs calibrated statistics (mean P_NULL_Q per channel without anomalies). A
+    device whose channels run far hotter (trends, spreads its warm-up underestimated: the learned
+    mean of the sum, ``mean_sum``, says so) has q_max scaled down by
+    κ = min(1, CALIBRATION_SLACK·m·P_NULL_Q / mean_sum)²: on SKAB, whose temperature channels drift
+    all the time (sums 100× the calibrated one), the test then fades and Brown's self-calibrating
+    one decides; a line whose incidents are frequent (sums 2–3× calibrated) keeps it.
+    Called only while a channel is over the learning gate: quiet ticks do not pay for the scan.
+    """
+    q_max = 0.0
+    m = 0  # the tests: unit channels
+    m_all = 0  # every detector channel (the sum's terms)
+    for c in range(role.shape[1]):
+        r = role[d, c]
+        if r == ROLE_UNIT:
+            m += 1
+            q_max = max(q_max, chan[d, c, CH_Q])
+        if r in (ROLE_ANALOG, ROLE_UNIT):
+            m_all += 1
+    if m == 0:
+        return 0.0
+    tolerated = CALIBRATION_SLACK * m_all * params[P_NULL_Q]
+    if mean_sum > tolerated:
+        q_max *= (tolerated / mean_sum) ** 2
+    q = q_max - 2.0 * np.log(m)
+    return score_of_q(q, params[P_Z_SCALE2]) if q > 0.0 else 0.0
+
+
+@njit(**NJIT_OPTIONS)
 def device_tick(
     d: int,
     t_us: int,
     chan: np.ndarray,
+    role: np.ndarray,
     devf: np.ndarray,
     devi: np.ndarray,
     params: np.ndarray,
@@ -268,20 +315,26 @@ def device_tick(
         # the variance inflated through the clip at mean + 3 sd — the device never alarmed again.
         hot = devf[d, DF_HOT] > 0.0
         if base_n < params[P_WARMUP]:
-            if not hot:  # the warm-up averages exactly, so it learns only from quiet ticks
+            # the warm-up averages exactly, so it learns only from quiet ticks — unless the device
+            # has had twice the warm-up's ticks: then hot channels are its normal (chronic, not an
+            # incident) and every tick counts
+            if not hot or n >= 2.0 * params[P_WARMUP]:
                 new_mean, new_var = ew_update(mean, var, base_n, total, params[P_ALPHA], 1.0)
                 devf[d, DF_MEAN] = new_mean
                 devf[d, DF_VAR] = new_var
                 devf[d, DF_BASE_N] = base_n + 1.0
         else:
             factor = 1.0
-            if hot or score > params[P_LEARN_GATE]:
+            adopted = hot and t_us - devi[d, DI_HOT_SINCE] >= params[P_ADOPT_US]
+            if not adopted and (hot or score > params[P_LEARN_GATE]):
                 factor = params[P_GATED_FACTOR]
             learn_total = min(total, mean + LEARN_CLIP * np.sqrt(var))
             new_mean, new_var = ew_update(mean, var, base_n, learn_total, params[P_ALPHA], factor)
             devf[d, DF_MEAN] = new_mean
             devf[d, DF_VAR] = new_var
             devf[d, DF_BASE_N] = base_n + 1.0
+        if hot and devf[d, DF_BASE_N] >= params[P_WARMUP]:  # (κ needs the learned mean of the sum)
+            score = max(score, strongest_channel_score(d, chan, role, devf[d, DF_MEAN], params))
         if n < params[P_WARMUP]:
             score = 0.0  # the documented warm-up: no device score before warmup ticks
     else:
@@ -742,6 +795,8 @@ def ingest_batch(
     regime = 0
     warmup = params[P_WARMUP]
     q_gate = params[P_Q_GATE]
+    adopt_us = params[P_ADOPT_US]
+    gate = True
     for i in range(device.shape[0]):
         d = device[i]
         c = channel[i]
@@ -758,6 +813,7 @@ def ingest_batch(
                     tick_device,
                     tick_t,
                     chan,
+                    role,
                     devf,
                     devi,
                     params,
@@ -791,6 +847,9 @@ def ingest_batch(
             if t_ms > devi[d, DI_LAST_SEEN_MS]:
                 devi[d, DI_LAST_SEEN_MS] = t_ms
             regime = current_regime(d, st_code, devi)
+            # the learning gate holds until the device's incident (a channel over the gate without
+            # a break) has lasted adopt_us; a gate without an end latched channels for good
+            gate = not (devf[d, DF_HOT] > 0.0 and t - devi[d, DI_HOT_SINCE] >= adopt_us)
         if r in (ROLE_ANALOG, ROLE_UNIT):
             row = chan[d, c]
             if t < row[CH_LAST_T]:
@@ -811,10 +870,15 @@ def ingest_batch(
             warm = row[3 * channel_regime + 2] >= warmup
             if not held:
                 old_q = row[CH_Q]
-                q = channel_step(row, channel_regime, x, params)
+                q = channel_step(row, channel_regime, x, params, gate)
                 devf[d, DF_SUM] += q - old_q
                 if (q > q_gate) != (old_q > q_gate):  # the count of channels over the learning gate
-                    devf[d, DF_HOT] += 1.0 if q > q_gate else -1.0
+                    if q > q_gate:
+                        if devf[d, DF_HOT] == 0.0:
+                            devi[d, DI_HOT_SINCE] = t  # an incident begins
+                        devf[d, DF_HOT] += 1.0
+                    else:
+                        devf[d, DF_HOT] -= 1.0
             if multivariate:
                 mv_last[d, c] = x
                 warm = True  # the multivariate detector counts its own warm-up in complete ticks
@@ -862,7 +926,7 @@ def ingest_batch(
                 mv_cov[tick_device], mv_eig[tick_device], mv_dev[tick_device], params,
             )  # fmt: skip
         n_events = device_tick(
-            tick_device, tick_t, chan, devf, devi, params, ev_device, ev_phase, ev_t, ev_score, ev_mask, n_events,
+            tick_device, tick_t, chan, role, devf, devi, params, ev_device, ev_phase, ev_t, ev_score, ev_mask, n_events,
             mv_score,
         )  # fmt: skip
         if record:

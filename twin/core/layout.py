@@ -120,7 +120,8 @@ DI_EVENT_START_T: Final = 10
 DI_EVENT_MASK: Final = 11  # channels (bit = slot) over event_off when the event started
 DI_LAST_TICK_T: Final = 12
 DI_LAST_SEEN_MS: Final = 13  # newest accepted sample of any channel
-DI_FIELDS: Final = 14
+DI_HOT_SINCE: Final = 14  # µs since when some detector channel has been over the learning gate (DF_HOT > 0)
+DI_FIELDS: Final = 15
 
 # ---- rolling-window bucket fields: bval[device, bucket, FIELD] (int32; times in ms) -----------
 BV_PRODUCING_MS: Final = 0
@@ -168,7 +169,10 @@ P_MV_SCORE_BASE: Final = 23  # 1 - event_on: score = 1 - base**s, so s = 1 (the 
 P_EWMA_FACTOR: Final = 24  # (2 - lambda) / lambda: the EWMA chart's variance factor, once per batch
 P_Q_GATE: Final = 25  # learn_gate as a statistic: score > learn_gate  <=>  q > P_Q_GATE
 P_Q_EVENT_OFF: Final = 26  # event_off as a statistic (a channel takes part in an event)
-P_FIELDS: Final = 27
+# a channel over the learning gate for longer than this (µs, DI_HOT_SINCE) is the new normal: the gate lets go
+P_ADOPT_US: Final = 27
+P_NULL_Q: Final = 28  # mean channel statistic of a calibrated channel without anomalies (NULL_MEAN_Q)
+P_FIELDS: Final = 29
 
 DET_ZSCORE: Final = 1
 DET_CUSUM: Final = 2
@@ -182,6 +186,9 @@ DETECTOR_CODES: Final = {
     "ensemble": DET_ZSCORE | DET_EWMA,
     "pca": DET_PCA | DET_ZSCORE,
 }
+# Mean statistic q of one channel on Gaussian noise after its warm-up, per detector (measured: 20k
+# samples, N(0, 1), default settings): the strongest-channel test reads q_max against this.
+NULL_MEAN_Q: Final = {"zscore": 1.0, "cusum": 0.2, "ewma": 1.0, "ensemble": 1.57, "pca": 1.0}
 Q_CAP: Final = 1.0e6  # one broken channel must not swamp the device sum forever
 NO_TIME: Final = -(2**62)
 

@@ -23,6 +23,7 @@ from twin.core.layout import (
     DETECTOR_CODES,
     DETECTOR_ROLES,
     N_REGIMES,
+    NULL_MEAN_Q,
     PLANNED_BUSY,
     PRODUCING_STATE,
     Q_CAP,
@@ -59,8 +60,9 @@ class RefChannel:
     last_t: float = -math.inf
     last_x: float = math.nan
 
-    def step(self, regime: int, x: float, cfg: CoreConfig) -> float:
-        """Score then learn; return the change of q."""
+    def step(self, regime: int, x: float, cfg: CoreConfig, gate: bool = True) -> float:
+        """Score then learn (slowly over the learning gate unless the incident was adopted); return the
+        change of q."""
         detector = DETECTOR_CODES[cfg.detector]
         z_scale2 = cfg.z_scale**2
         lam = cfg.ewma_lambda
@@ -93,7 +95,7 @@ class RefChannel:
         else:
             self.fast = self.fast + max(lam, 1.0 / (n + 1.0)) * (x - self.fast)
         score = q / (q + z_scale2)
-        factor = cfg.gated_learn_factor if warm and score > cfg.learn_gate else 1.0
+        factor = cfg.gated_learn_factor if gate and warm and score > cfg.learn_gate else 1.0
         learn_x = x
         if warm and (x - mean) ** 2 > LEARN_CLIP * LEARN_CLIP * var:
             reach = LEARN_CLIP * math.sqrt(var)
@@ -221,6 +223,8 @@ class RefDevice:
     active: bool = False
     run: int = 0
     pending_t: int = 0
+    hot: int = 0  # channels over the learning gate
+    hot_since: int = 0
     event_peak: float = 0.0
     # utilization: every accepted state point (t_ms -> code) and counter increments
     states: dict[int, int] = field(default_factory=dict)
@@ -248,6 +252,8 @@ class ReferenceFleet:
         """``samples``: (device, slot, t_us, value) in processing order (sorted as FleetCore sorts)."""
         tick: tuple[int, int] | None = None
         tick_warm = False
+        group: tuple[int, int] | None = None  # the learning gate is decided once per device and time
+        gate = True
         for d, c, t, x in samples:
             if tick is not None and (d, t) != tick:
                 if tick_warm:
@@ -263,6 +269,8 @@ class ReferenceFleet:
             name = self.names[d][c]
             role = role_of_channel(name)
             self._seen(dev, t)
+            if group != (d, t):
+                group, gate = (d, t), self._gate(dev, t)
             if role in DETECTOR_ROLES:
                 channel = dev.channels.setdefault(c, RefChannel())
                 if t < channel.last_t:
@@ -278,7 +286,11 @@ class ReferenceFleet:
                 regime = REGIME_PRODUCING if role == ROLE_UNIT else self._regime(dev)
                 warm = channel.n[regime] >= self.cfg.warmup_samples
                 if not held:
-                    dev.total += channel.step(regime, x, self.cfg)
+                    dev.total += channel.step(regime, x, self.cfg, gate)
+                    hot = sum(1 for ch in dev.channels.values() if ch.score > self.cfg.learn_gate)
+                    if hot and not dev.hot:
+                        dev.hot_since = t  # an incident begins
+                    dev.hot = hot
                 if self.cfg.multivariate:
                     dev.last[c] = x
                     warm = True
@@ -297,6 +309,10 @@ class ReferenceFleet:
                 self.stats["accepted"] += 1
         if tick is not None and tick_warm:
             self._tick(tick[0], tick[1], historical)
+
+    def _gate(self, dev: RefDevice, t_us: int) -> bool:
+        """The learning gate holds unless a channel has been over it for incident_adopt_s (adopted)."""
+        return not (dev.hot > 0 and t_us - dev.hot_since >= self.cfg.incident_adopt_s * 1e6)
 
     @staticmethod
     def _seen(dev: RefDevice, t_us: int) -> None:
@@ -350,14 +366,30 @@ class ReferenceFleet:
             # any detector channel over the learning gate right now (its latest statistic)?
             hot = any(ch.score > cfg.learn_gate for ch in dev.channels.values())
             if dev.base_n < cfg.warmup_samples:
-                if not hot:  # the warm-up learns only from quiet ticks
+                if not hot or dev.n >= 2 * cfg.warmup_samples:  # quiet ticks, unless hot is chronic
                     dev.mean, dev.var = ew_step(dev.mean, dev.var, dev.base_n, total, cfg.alpha, 1.0)
                     dev.base_n += 1
             else:
-                factor = cfg.gated_learn_factor if hot or score > cfg.learn_gate else 1.0
+                gated = self._gate(dev, t) and (hot or score > cfg.learn_gate)
+                factor = cfg.gated_learn_factor if gated else 1.0
                 learn_total = min(total, dev.mean + LEARN_CLIP * math.sqrt(dev.var))
                 dev.mean, dev.var = ew_step(dev.mean, dev.var, dev.base_n, learn_total, cfg.alpha, factor)
                 dev.base_n += 1
+            if hot and dev.base_n >= cfg.warmup_samples:
+                # the strongest channel as one of m tests (Bonferroni: q - 2 ln m), its statistic
+                # scaled down when the device's channels run hotter than calibrated ones
+                # (per-unit channels only: their statistics are calibrated)
+                roles = [role_of_channel(name) for name in self.names[d]]
+                m = sum(1 for r in roles if r == ROLE_UNIT)
+                m_all = sum(1 for r in roles if r in DETECTOR_ROLES)
+                tolerated = 3.0 * m_all * NULL_MEAN_Q[cfg.detector]  # kernels.CALIBRATION_SLACK
+                kappa = min(1.0, tolerated / dev.mean) ** 2 if dev.mean > 0 else 1.0
+                units = [ch.q for c, ch in dev.channels.items() if roles[c] == ROLE_UNIT]
+                q = kappa * max(units, default=0.0) - 2.0 * math.log(m) if m else 0.0
+                if q > 0:
+                    score = max(score, q / (q + cfg.z_scale**2))
+            if dev.n < cfg.warmup_samples:
+                score = 0.0
         dev.n += 1.0
         dev.score = score
         if historical:
