@@ -5,9 +5,6 @@ through the service fed over a real Mosquitto."""
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
-import time
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -32,6 +29,7 @@ from forgeline.loop.timeseries_out import (
 )
 from forgeline.mqtt import MqttSettings, connect
 from tests.conftest import Collector
+from tests.servers import start_influxd, start_victoria_metrics
 
 
 def test_line_protocol_escapes_and_drops_what_influx_cannot_hold() -> None:
@@ -67,55 +65,10 @@ def _http(url: str, data: bytes | None = None, method: str = "GET") -> bytes:
         return body
 
 
-def _wait_http(url: str, process: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}")
-        try:
-            _http(url)
-            return
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError(f"{url} did not answer within {timeout}s")
-
-
 @pytest.fixture
 def influxd(tmp_path: Path) -> Iterator[str]:
-    binary = shutil.which("influxd")
-    if binary is None:
-        pytest.fail("influxd is not installed (apt-get install influxdb)")
-    port, rpc = free_port(), free_port()
-    config = tmp_path / "influxdb.conf"
-    config.write_text(f"""reporting-disabled = true
-bind-address = "127.0.0.1:{rpc}"
-[meta]
-  dir = "{tmp_path}/meta"
-[data]
-  dir = "{tmp_path}/data"
-  wal-dir = "{tmp_path}/wal"
-  query-log-enabled = false
-[http]
-  bind-address = "127.0.0.1:{port}"
-  log-enabled = false
-[monitor]
-  store-enabled = false
-[subscriber]
-  enabled = false
-[continuous_queries]
-  enabled = false
-""")
-    log = (tmp_path / "influxd.log").open("wb")
-    process = subprocess.Popen([binary, "-config", str(config)], stdout=log, stderr=log, start_new_session=True)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        _wait_http(f"{url}/ping", process)
-        _http(f"{url}/query?" + urllib.parse.urlencode({"q": "CREATE DATABASE forgeline"}), b"", "POST")
-        yield url
-    finally:
-        process.terminate()
-        process.wait(10)
-        log.close()
+    with start_influxd(tmp_path / "influxd") as server:
+        yield server.url
 
 
 def influxql(url: str, query: str) -> list[dict[str, Any]]:
@@ -199,21 +152,8 @@ def test_points_wait_while_the_database_is_unreachable(influxd: str, mqtt_settin
 
 @pytest.fixture
 def victoria_metrics(tmp_path: Path) -> Iterator[str]:
-    binary = shutil.which("victoria-metrics") or shutil.which("victoria-metrics-prod")
-    if binary is None:
-        pytest.fail("victoria-metrics is not installed (apt-get install victoria-metrics)")
-    port = free_port()
-    log = (tmp_path / "vm.log").open("wb")
-    process = subprocess.Popen([binary, f"-storageDataPath={tmp_path}/vm", f"-httpListenAddr=127.0.0.1:{port}",
-                                "-retentionPeriod=100y"], stdout=log, stderr=log, start_new_session=True)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        _wait_http(f"{url}/health", process)
-        yield url
-    finally:
-        process.terminate()
-        process.wait(10)
-        log.close()
+    with start_victoria_metrics(tmp_path / "vm") as server:
+        yield server.url
 
 
 @pytest.mark.influx
