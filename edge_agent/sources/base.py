@@ -9,6 +9,7 @@ unreachable: it reports the ``state`` channel as ``OFFLINE`` and keeps trying.
 
 from __future__ import annotations
 
+import logging
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
@@ -100,3 +101,26 @@ class Source(ABC):
     def status(self) -> dict[str, Any]:
         """Counters for the agent's stats (reads, errors, reconnects)."""
         return {}
+
+
+class DeviceAdapter(Source):
+    """A source that reads one real device (OctoPrint, Moonraker, OPC UA, Modbus).
+
+    Counts errors and logs each distinct one once, so a device that stays unreachable for hours does
+    not flood the log; ``last_error`` goes into the source's status.
+    """
+
+    def __init__(self, info: DeviceInfo) -> None:
+        super().__init__()
+        self.info = info
+        self.errors = 0
+        self.last_error: str | None = None
+
+    def devices(self) -> list[DeviceInfo]:
+        return [self.info]
+
+    def _error(self, message: str) -> None:
+        self.errors += 1
+        if message != self.last_error:
+            logging.getLogger(type(self).__module__).warning("%s: %s", self.info.key, message)
+        self.last_error = message

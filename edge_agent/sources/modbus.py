@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_agent.device import DeviceInfo
-from edge_agent.sources.base import Sink, Source
+from edge_agent.sources.base import DeviceAdapter, Sink
 from forgeline.contract.vocabulary import DeviceState, Technology
 
 log = logging.getLogger(__name__)
@@ -108,13 +108,12 @@ def _read(table: str, group: list[Tag]) -> tuple[str, int, int, list[Tag]]:
     return table, start, end - start, list(group)
 
 
-class ModbusSource(Source):
+class ModbusSource(DeviceAdapter):
     kind = "modbus"
 
     def __init__(self, info: DeviceInfo, host: str, port: int, tags: Sequence[Tag], *, unit_id: int = 1,
                  word_order: str = "big", timeout_s: float = 3.0) -> None:
-        super().__init__()
-        self.info = info
+        super().__init__(info)
         self.host, self.port = host, port
         self.tags = list(tags)
         self.unit_id = unit_id
@@ -122,17 +121,6 @@ class ModbusSource(Source):
         self.timeout_s = timeout_s
         self.reads = plan_reads(self.tags)
         self.polls = 0
-        self.errors = 0
-        self.last_error: str | None = None
-
-    def devices(self) -> list[DeviceInfo]:
-        return [self.info]
-
-    def _error(self, message: str) -> None:
-        self.errors += 1
-        if message != self.last_error:
-            log.warning("%s: %s", self.info.key, message)
-        self.last_error = message
 
     def poll(self, client: Any) -> list[tuple[int, float]]:
         """One poll of every tag; raises ConnectionError when a request fails."""

@@ -53,7 +53,7 @@ from typing import Any
 from edge_agent.device import DeviceInfo
 from edge_agent.sources._http import HttpError, request_json
 from edge_agent.sources._printer import JobTracker, printer_info, read_secret
-from edge_agent.sources.base import CommandError, Sink, Source
+from edge_agent.sources.base import CommandError, DeviceAdapter, Sink
 from forgeline.contract.vocabulary import DeviceState
 
 log = logging.getLogger(__name__)
@@ -101,13 +101,12 @@ def merge(status: dict[str, Any], update: Mapping[str, Any]) -> None:
                     target[key] = value
 
 
-class MoonrakerSource(Source):
+class MoonrakerSource(DeviceAdapter):
     kind = "moonraker"
 
     def __init__(self, info: DeviceInfo, url: str, api_key: str | None, *, chamber_sensor: str | None = None,
                  timeout_s: float = 5.0) -> None:
-        super().__init__()
-        self.info = info
+        super().__init__(info)
         self.url = url.rstrip("/")
         parsed = urllib.parse.urlsplit(self.url)
         self.ws_url = f"{'wss' if parsed.scheme == 'https' else 'ws'}://{parsed.netloc}/websocket"
@@ -122,21 +121,10 @@ class MoonrakerSource(Source):
         self._pending: dict[int, tuple[threading.Event, dict[str, Any]]] = {}
         self._lock = threading.Lock()
         self.connects = 0
-        self.errors = 0
         self.notifications = 0
-        self.last_error: str | None = None
-
-    def devices(self) -> list[DeviceInfo]:
-        return [self.info]
 
     def _headers(self) -> dict[str, str]:
         return {"X-Api-Key": self.api_key} if self.api_key else {}
-
-    def _error(self, message: str) -> None:
-        self.errors += 1
-        if message != self.last_error:
-            log.warning("%s: %s", self.info.key, message)
-        self.last_error = message
 
     # --- the connection ----------------------------------------------------------------------------
 

@@ -49,7 +49,7 @@ from typing import Any
 from edge_agent.device import DeviceInfo
 from edge_agent.sources._http import HttpError, request_json
 from edge_agent.sources._printer import JobTracker, printer_info, read_secret
-from edge_agent.sources.base import CommandError, Sink, Source
+from edge_agent.sources.base import CommandError, DeviceAdapter, Sink
 from forgeline.contract.vocabulary import DeviceState
 
 log = logging.getLogger(__name__)
@@ -79,23 +79,17 @@ def map_state(printer: Mapping[str, Any] | None, job: Mapping[str, Any] | None) 
     return DeviceState.IDLE
 
 
-class OctoPrintSource(Source):
+class OctoPrintSource(DeviceAdapter):
     kind = "octoprint"
 
     def __init__(self, info: DeviceInfo, url: str, api_key: str | None, *, timeout_s: float = 5.0) -> None:
-        super().__init__()
-        self.info = info
+        super().__init__(info)
         self.url = url.rstrip("/")
         self.api_key = api_key
         self.timeout_s = timeout_s
         self.tracker = JobTracker(info.ref.device)
         self.polls = 0
-        self.errors = 0
-        self.last_error: str | None = None
         self._lock = threading.Lock()
-
-    def devices(self) -> list[DeviceInfo]:
-        return [self.info]
 
     def _headers(self) -> dict[str, str]:
         return {"X-Api-Key": self.api_key} if self.api_key else {}
@@ -121,12 +115,6 @@ class OctoPrintSource(Source):
             if exc.status in (401, 403):
                 raise
         return map_state(printer, job), printer, job
-
-    def _error(self, message: str) -> None:
-        self.errors += 1
-        if message != self.last_error:
-            log.warning("%s: %s", self.info.key, message)
-        self.last_error = message
 
     def run(self, sink: Sink, stop: threading.Event) -> None:
         stream = sink.stream(self.info)

@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_agent.sources._printer import read_secret
-from edge_agent.sources.base import DeviceStream, Sink, Source
+from edge_agent.sources.base import DeviceAdapter, DeviceStream, Sink
 from edge_agent.sources.modbus import device_info
 from forgeline.contract.vocabulary import DeviceState, Technology
 
@@ -94,14 +94,13 @@ class _Handler:
         self.stream.add(self.index[tag.channel], int(t_s * 1_000_000), value)
 
 
-class OpcUaSource(Source):
+class OpcUaSource(DeviceAdapter):
     kind = "opcua"
 
     def __init__(self, info: Any, url: str, tags: Sequence[OpcTag], *, username: str | None = None,
                  password: str | None = None, security: str | None = None, publishing_interval_ms: float = 500,
                  sampling_interval_ms: float = 100, timeout_s: float = 5.0) -> None:
-        super().__init__()
-        self.info = info
+        super().__init__(info)
         self.url = url
         self.tags = list(tags)
         self.username = username
@@ -111,19 +110,8 @@ class OpcUaSource(Source):
         self.sampling_interval_ms = sampling_interval_ms
         self.timeout_s = timeout_s
         self.connects = 0
-        self.errors = 0
         self.notifications = 0
         self.rejected = 0
-        self.last_error: str | None = None
-
-    def devices(self) -> list[Any]:
-        return [self.info]
-
-    def _error(self, message: str) -> None:
-        self.errors += 1
-        if message != self.last_error:
-            log.warning("%s: %s", self.info.key, message)
-        self.last_error = message
 
     def run(self, sink: Sink, stop: threading.Event) -> None:
         stream = sink.stream(self.info)
