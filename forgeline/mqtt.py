@@ -24,6 +24,10 @@ class MqttError(RuntimeError):
     """A connection or protocol problem with the broker; the message says which broker and why."""
 
 
+class SubscribeTimeout(MqttError, TimeoutError):
+    """No SUBACK from the broker in time."""
+
+
 @dataclass(frozen=True)
 class MqttSettings:
     host: str = "127.0.0.1"
@@ -157,3 +161,19 @@ def connect(
     if not loop:
         client.loop_stop()
     return client
+
+
+def subscribe_all(client: paho.Client, filters: list[str], *, what: str, qos: int = 1, timeout: float = 10.0) -> None:
+    """Subscribe ``client`` to ``filters`` and wait for the SUBACK.
+
+    Without one in ``timeout`` seconds the client is disconnected and :class:`SubscribeTimeout` says which
+    service (``what``) and which broker.
+    """
+    subscribed = threading.Event()
+    client.on_subscribe = lambda *_a: subscribed.set()
+    client.subscribe([(f, qos) for f in filters])
+    if not subscribed.wait(timeout):
+        host, port = client.host, client.port
+        client.disconnect()
+        client.loop_stop()
+        raise SubscribeTimeout(f"{what}: no SUBACK from {host}:{port} within {timeout:.0f}s")

@@ -34,7 +34,7 @@ from forgeline.contract.topics import Kind
 from forgeline.loop.compare import LoopConfig, monitor_model
 from forgeline.loop.intake import IntakeError, LoopStore, ModelData, RevisionData
 from forgeline.loop.timeseries_out import InfluxSettings, InfluxWriter, WriteError, feedback_line, insight_lines
-from forgeline.mqtt import MqttSettings, connect
+from forgeline.mqtt import MqttSettings, connect, subscribe_all
 
 log = logging.getLogger(__name__)
 
@@ -115,13 +115,7 @@ class LoopService:
     def start(self) -> None:
         client = connect(self.settings, self.config.client_id)
         client.on_message = self._on_message
-        subscribed = threading.Event()
-        client.on_subscribe = lambda *_: subscribed.set()
-        client.subscribe([(f, 1) for f in self.filters])
-        if not subscribed.wait(10):
-            client.disconnect()
-            client.loop_stop()
-            raise RuntimeError(f"no SUBACK from {self.settings.host}:{self.settings.port}")
+        subscribe_all(client, self.filters, what="loop service")
         self._client = client
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, name="loop-publisher", daemon=True)

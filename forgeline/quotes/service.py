@@ -39,7 +39,7 @@ import paho.mqtt.client as paho
 from forgeline.contract import schemas, topics
 from forgeline.contract.schemas import PayloadError
 from forgeline.contract.topics import Kind, TopicError
-from forgeline.mqtt import MqttSettings, connect
+from forgeline.mqtt import MqttSettings, connect, subscribe_all
 from forgeline.quotes.pricing import PricingConfig, QuoteError, quote_document
 from forgeline.quotes.tracking import Notice, OrderTracker
 from forgeline.routing.model import Fleet, FleetBuilder, OrderError, parse_order
@@ -130,13 +130,7 @@ class CustomerService:
             topics.routing_response_topic(TRACKING_CLIENT), topics.routing_response_topic(EVENTS_CLIENT),
             topics.device_filter(Kind.EVENT), topics.device_filter(Kind.TWIN), topics.device_filter(Kind.STATUS),
         ]
-        subscribed = threading.Event()
-        client.on_subscribe = lambda *_a: subscribed.set()
-        client.subscribe([(f, 1) for f in filters])
-        if not subscribed.wait(10):
-            client.disconnect()
-            client.loop_stop()
-            raise TimeoutError("customer service: no SUBACK from the broker")
+        subscribe_all(client, filters, what="customer service")
         self._client = client
         self._worker = threading.Thread(target=self._run, name="customer-service", daemon=True)
         self._worker.start()

@@ -43,7 +43,7 @@ import paho.mqtt.client as paho
 from forgeline.contract import schemas, topics
 from forgeline.contract.schemas import PayloadError
 from forgeline.contract.topics import DeviceRef, Kind, TopicError
-from forgeline.mqtt import MqttSettings, connect
+from forgeline.mqtt import MqttSettings, connect, subscribe_all
 from forgeline.routing.model import Fleet, FleetBuilder, OrderError, parse_order
 from forgeline.routing.router import PlannedBuild, Router, RoutingConfig, RoutingResult, restore, snapshot
 
@@ -134,13 +134,7 @@ class RoutingService:
         filters = [request_filter, topics.device_filter(Kind.CMDRES), topics.device_filter(Kind.EVENT)]
         if self.live_fleet:
             filters += [topics.device_filter(Kind.STATUS), topics.device_filter(Kind.TWIN)]
-        subscribed = threading.Event()
-        client.on_subscribe = lambda *_a: subscribed.set()
-        client.subscribe([(f, 1) for f in filters])
-        if not subscribed.wait(10):
-            client.disconnect()
-            client.loop_stop()
-            raise TimeoutError("routing service: no SUBACK from the broker")
+        subscribe_all(client, filters, what="routing service")
         self._client = client
         self._worker = threading.Thread(target=self._run, name="routing-service", daemon=True)
         self._worker.start()
