@@ -11,11 +11,12 @@ from typing import Any
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from edge_agent.config import ConfigError as AgentConfigError
 from edge_agent.config import load_config_text, parse_config
+from tests.config_fuzz import BAD_PASSWORDS, BOMB, DEEP, FUZZ, SECRET, documents, mutate
 
 AGENT_EXAMPLE: dict[str, Any] = yaml.safe_load("""
 mqtt: {url: "mqtts://127.0.0.1:8883", protocol: 5, username: acme, password: pw, keepalive: 30}
@@ -33,23 +34,12 @@ sources:
     lines:
       - {tenant: acme, site: plant1, area: line1, product_model: MW-20, product_revision: B}
 """)
-FUZZ = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-SECRET = "s3cr3t-Marker-7f1c"
 
 # Keys the loaders know, so generated documents get past the first "unknown key" check.
 AGENT_KEYS = ["mqtt", "batch", "spool", "link", "drain_timeout_s", "sources", "url", "protocol", "username",
               "password", "password_file", "tls", "ca_file", "insecure", "enabled", "keepalive", "max_samples",
               "window_s", "path", "max_bytes", "overflow", "inflight", "reconnect_min_s", "reconnect_max_s",
               "type", "tenant", "site", "area", "device", "printers", "lines", "seed", "rate_hz", "speed"]
-
-scalars = (st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=16)
-           | st.sampled_from(["mqtt://127.0.0.1:1883", "simulator", "FDM", "acme", "5", "3.1.1", ":memory:"]))
-
-
-def documents(keys: list[str]) -> st.SearchStrategy[Any]:
-    key = st.sampled_from(keys) | st.text(max_size=8)
-    return st.recursive(scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(key, inner, max_size=6),
-                        max_leaves=25)
 
 
 def _agent(doc: Any, base: Path) -> Any:
@@ -58,38 +48,6 @@ def _agent(doc: Any, base: Path) -> Any:
     except AgentConfigError as exc:
         assert str(exc)
         return exc
-
-
-def _paths(doc: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-    out = [prefix]
-    if isinstance(doc, dict):
-        for k, v in doc.items():
-            out += _paths(v, (*prefix, k))
-    elif isinstance(doc, list):
-        for i, v in enumerate(doc):
-            out += _paths(v, (*prefix, i))
-    return out
-
-
-def _mutate(doc: Any, data: st.DataObject, keys: list[str]) -> Any:
-    """Replace, delete or add one node of a valid document."""
-    doc = copy.deepcopy(doc)
-    path = data.draw(st.sampled_from(_paths(doc)))
-    if not path:
-        return data.draw(documents(keys))
-    parent = doc
-    for step in path[:-1]:
-        parent = parent[step]
-    how = data.draw(st.sampled_from(["replace", "delete", "add"]))
-    if how == "replace":
-        parent[path[-1]] = data.draw(documents(keys))
-    elif how == "delete":
-        del parent[path[-1]]
-    elif isinstance(parent, dict):
-        parent[data.draw(st.text(min_size=1, max_size=8))] = data.draw(scalars)
-    else:
-        parent.append(data.draw(documents(keys)))
-    return doc
 
 
 # --- the agent ------------------------------------------------------------------------------------
@@ -113,7 +71,7 @@ def test_agent_config_documents(doc: Any) -> None:
 @FUZZ
 @given(st.data())
 def test_agent_config_mutated_example(data: st.DataObject) -> None:
-    _agent(_mutate(AGENT_EXAMPLE, data, AGENT_KEYS), Path("/nonexistent-base"))
+    _agent(mutate(AGENT_EXAMPLE, data, AGENT_KEYS), Path("/nonexistent-base"))
 
 
 def test_agent_example_is_valid() -> None:
@@ -122,12 +80,6 @@ def test_agent_example_is_valid() -> None:
 
 
 # --- hostile files: deep nesting, alias bombs ----------------------------------------------------
-
-DEEP = {"yaml-flow": "[" * 2000 + "]" * 2000, "json": "[" * 20_000 + "]" * 20_000,
-        "yaml-block": "".join("  " * i + "- \n" for i in range(2000))}
-BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
-    f"{n}: &{n} [{', '.join(['*' + p] * 9)}]\n" for p, n in zip("abcdefgh", "bcdefghi", strict=True)
-) + "sources: *i\nmqtt: *i\n"
 
 
 @pytest.mark.parametrize("name", sorted(DEEP))
@@ -148,8 +100,6 @@ def test_yaml_alias_bomb_is_bounded() -> None:
 
 
 # --- secrets --------------------------------------------------------------------------------------
-
-BAD_PASSWORDS = [12345678901234567, [SECRET], {"value": SECRET}, 1.5, True]
 
 
 @pytest.mark.parametrize("password", BAD_PASSWORDS, ids=lambda p: type(p).__name__)

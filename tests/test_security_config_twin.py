@@ -4,16 +4,16 @@ the file never appears in an error message or a repr."""
 
 from __future__ import annotations
 
-import copy
 import json
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
+from tests.config_fuzz import BAD_PASSWORDS, BOMB, DEEP, FUZZ, SECRET, documents, mutate
 from twin.config import ConfigError as TwinConfigError
 from twin.config import TwinConfig
 
@@ -22,22 +22,11 @@ TWIN_EXAMPLE: dict[str, Any] = {
     "tenants": ["factory-a"], "publish_interval_s": 1.0, "core": {"max_devices": 64},
     "snapshot": {"interval_s": 30}, "metrics": {"host": "127.0.0.1", "port": 9100},
 }
-FUZZ = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-SECRET = "s3cr3t-Marker-7f1c"
 
 # Keys the loader knows, so generated documents get past the first "unknown key" check.
 TWIN_KEYS = ["broker", "mqtt", "worker_id", "share_group", "tenants", "publish_interval_s", "fleet_interval_s",
              "max_clock_skew_s", "max_queue", "core", "snapshot", "metrics", "influx", "max_devices", "dir",
              "interval_s", "host", "port", "username", "password", "url", "token", "bucket", "org"]
-
-scalars = (st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=16)
-           | st.sampled_from(["mqtt://127.0.0.1:1883", "simulator", "FDM", "acme", "5", "3.1.1", ":memory:"]))
-
-
-def documents(keys: list[str]) -> st.SearchStrategy[Any]:
-    key = st.sampled_from(keys) | st.text(max_size=8)
-    return st.recursive(scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(key, inner, max_size=6),
-                        max_leaves=25)
 
 
 def _twin(doc: Any) -> Any:
@@ -46,38 +35,6 @@ def _twin(doc: Any) -> Any:
     except TwinConfigError as exc:
         assert str(exc)
         return exc
-
-
-def _paths(doc: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-    out = [prefix]
-    if isinstance(doc, dict):
-        for k, v in doc.items():
-            out += _paths(v, (*prefix, k))
-    elif isinstance(doc, list):
-        for i, v in enumerate(doc):
-            out += _paths(v, (*prefix, i))
-    return out
-
-
-def _mutate(doc: Any, data: st.DataObject, keys: list[str]) -> Any:
-    """Replace, delete or add one node of a valid document."""
-    doc = copy.deepcopy(doc)
-    path = data.draw(st.sampled_from(_paths(doc)))
-    if not path:
-        return data.draw(documents(keys))
-    parent = doc
-    for step in path[:-1]:
-        parent = parent[step]
-    how = data.draw(st.sampled_from(["replace", "delete", "add"]))
-    if how == "replace":
-        parent[path[-1]] = data.draw(documents(keys))
-    elif how == "delete":
-        del parent[path[-1]]
-    elif isinstance(parent, dict):
-        parent[data.draw(st.text(min_size=1, max_size=8))] = data.draw(scalars)
-    else:
-        parent.append(data.draw(documents(keys)))
-    return doc
 
 
 # --- the twin -------------------------------------------------------------------------------------
@@ -92,7 +49,7 @@ def test_twin_config_documents(doc: Any) -> None:
 @FUZZ
 @given(st.data())
 def test_twin_config_mutated_example(data: st.DataObject) -> None:
-    _twin(_mutate(TWIN_EXAMPLE, data, TWIN_KEYS))
+    _twin(mutate(TWIN_EXAMPLE, data, TWIN_KEYS))
 
 
 def test_twin_example_is_valid() -> None:
@@ -111,12 +68,6 @@ def test_twin_config_file_bytes(tmp_path_factory: pytest.TempPathFactory, raw: b
 
 
 # --- hostile files: deep nesting, alias bombs ----------------------------------------------------
-
-DEEP = {"yaml-flow": "[" * 2000 + "]" * 2000, "json": "[" * 20_000 + "]" * 20_000,
-        "yaml-block": "".join("  " * i + "- \n" for i in range(2000))}
-BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
-    f"{n}: &{n} [{', '.join(['*' + p] * 9)}]\n" for p, n in zip("abcdefgh", "bcdefghi", strict=True)
-) + "sources: *i\nmqtt: *i\n"
 
 
 @pytest.mark.parametrize("name", sorted(DEEP))
@@ -141,8 +92,6 @@ def test_yaml_alias_bomb_is_bounded(tmp_path: Path) -> None:
 
 
 # --- secrets --------------------------------------------------------------------------------------
-
-BAD_PASSWORDS = [12345678901234567, [SECRET], {"value": SECRET}, 1.5, True]
 
 
 @pytest.mark.parametrize("password", BAD_PASSWORDS, ids=lambda p: type(p).__name__)
