@@ -176,7 +176,7 @@ class TwinState:
         }
         for key in ("product_model", "product_revision"):
             value = device.capabilities.get(key)
-            if isinstance(value, str) and topics._IDENT.match(value):
+            if topics.is_ident(value):
                 document[key] = value
         return device.ref, document
 

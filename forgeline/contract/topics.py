@@ -54,9 +54,14 @@ class TopicError(ValueError):
     """A topic or an identifier that does not follow the convention."""
 
 
+def is_ident(value: object) -> bool:
+    """Whether ``value`` is a valid topic level identifier (1-64 characters of A-Z a-z 0-9 _ . -)."""
+    return isinstance(value, str) and _IDENT.match(value) is not None
+
+
 def check_ident(value: str, what: str = "identifier") -> str:
     """Return ``value`` if it is a valid topic level identifier, else raise :class:`TopicError`."""
-    if not isinstance(value, str) or not _IDENT.match(value):
+    if not is_ident(value):
         raise TopicError(f"invalid {what} {value!r}: use 1-64 characters of A-Z a-z 0-9 _ . -")
     return value
 
