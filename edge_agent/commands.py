@@ -12,6 +12,8 @@ Every request carries a ``correlation_id`` which the response repeats. Supported
 ``dispatch_job``
     A job from order routing: ``{"job_id", "parts": [{part_id, bbox_mm, volume_cm3, mass_g?}],
     "material", "material_density_g_cm3"?, "build_height_mm"?}``; answered with the queue position.
+    Idempotent per ``job_id``, across agent restarts: a repeated request is answered with the first
+    result and ``"duplicate": true``, and starts nothing.
 
 A malformed request (not JSON, no correlation id, wrong types) or an unknown command gets an error
 response (``ok: false`` and the reason), never a crash. A response that cannot be sent because the
@@ -149,9 +151,25 @@ class CommandProcessor:
         if command == "set_config":
             return self._set_config(link, args)
         if command == "dispatch_job":
-            source = self._source(link)
-            return source.dispatch_job(link.key, args)
+            return self._dispatch_job(link, args)
         raise CommandError(f"unknown command {command!r}: supported are {', '.join(SUPPORTED)}")
+
+    def _dispatch_job(self, link: DeviceLink, args: dict[str, Any]) -> dict[str, Any]:
+        """Dispatch once per ``job_id``: a repeated request (a requester's retry after a timeout, or a
+        QoS 1 redelivery after the agent restarted) gets the first answer with ``duplicate: true``
+        and starts nothing, so a part is never printed twice. The record lives in the spool."""
+        source = self._source(link)
+        job_id = args.get("job_id")
+        if not isinstance(job_id, str) or not job_id:  # the source names what is missing
+            return source.dispatch_job(link.key, args)
+        spool = self.publisher.spool
+        earlier = spool.dispatched(link.key, job_id)
+        if earlier is not None:
+            log.info("%s: job %s was dispatched already; not starting it again", link.key, job_id)
+            return {**earlier, "duplicate": True}
+        result = source.dispatch_job(link.key, args)
+        spool.record_dispatch(link.key, job_id, result)
+        return result
 
     def _source(self, link: DeviceLink) -> Source:
         source = self.source_of(link.key)

@@ -34,11 +34,12 @@ Example:
 
 from __future__ import annotations
 
+import json
 import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
@@ -88,7 +89,16 @@ CREATE TABLE IF NOT EXISTS queue (
     payload BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS queue_device ON queue (device, id);
+CREATE TABLE IF NOT EXISTS jobs (
+    device TEXT NOT NULL,
+    job_id TEXT NOT NULL,
+    created REAL NOT NULL,
+    result TEXT NOT NULL,
+    PRIMARY KEY (device, job_id)
+);
 """
+
+MAX_JOBS = 10_000  # dispatched jobs remembered for de-duplication (the oldest are forgotten first)
 
 _COUNTERS = ("dropped_batches", "dropped_samples", "dropped_events", "appended_batches", "appended_samples")
 
@@ -300,6 +310,31 @@ class Spool:
     def next_seq(self, device: str) -> int:
         with self._lock:
             return self._next_seq.get(device, 0)
+
+    # --- dispatched jobs ---------------------------------------------------------------------------
+
+    def dispatched(self, device: str, job_id: str) -> dict[str, Any] | None:
+        """The result recorded when ``job_id`` was dispatched to ``device``, or None if it never was."""
+        with self._lock:
+            self._check_open()
+            row = self._db.execute("SELECT result FROM jobs WHERE device=? AND job_id=?", (device, job_id)).fetchone()
+        return None if row is None else dict(json.loads(row[0]))
+
+    def record_dispatch(self, device: str, job_id: str, result: Mapping[str, Any]) -> None:
+        """Remember that ``job_id`` went to ``device`` (durably: a redelivered command after a restart
+        finds it); the newest :data:`MAX_JOBS` are kept."""
+        with self._lock:
+            self._check_open()
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute("INSERT OR REPLACE INTO jobs (device, job_id, created, result) VALUES (?, ?, ?, ?)",
+                                 (device, job_id, time.time(), json.dumps(dict(result))))
+                self._db.execute("DELETE FROM jobs WHERE created < (SELECT created FROM jobs ORDER BY created DESC "
+                                 "LIMIT 1 OFFSET ?)", (MAX_JOBS - 1,))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
 
     # --- reporting ---------------------------------------------------------------------------------
 

@@ -230,6 +230,45 @@ def test_ping_set_config_and_dispatch_job(
     assert event["job_id"] == "R-1" and event["parts"][0]["part_id"] == "o1-p1"
 
 
+def test_dispatch_job_is_idempotent_across_retries_and_restarts(
+    mqtt_settings: MqttSettings, collect: Callable[..., Collector], tenant: str, tmp_path: Path
+) -> None:
+    """A job_id already dispatched is answered with the first result and starts nothing, also when the
+    request comes again after the agent restarted on the same spool (a QoS 1 redelivery)."""
+    fleet = FleetSpec(tenant, "plant", "hall", (PrinterSpec("sls-01", "SLS"),), ())
+    ref = DeviceRef(tenant, "plant", "hall", "sls-01")
+    collector = collect(f"fl/v1/{tenant}/#")
+    requester = Requester(collector, ref)
+    job = {"job_id": "R-7", "material": "PA12",
+           "parts": [{"part_id": "o7-p1", "bbox_mm": [50, 40, 30], "volume_cm3": 12.0}]}
+    spool = tmp_path / "spool.db"
+    agent = start_simulated_fleet(mqtt_settings, fleet, speed=1, rate_hz=2, auto_jobs=False, spool_path=spool)
+    try:
+        assert wait_connected(agent)
+        time.sleep(0.2)
+        first = requester.send("dispatch_job", {"args": job})
+        assert first["ok"] and first["result"]["queued"] == 1 and "duplicate" not in first["result"], first
+        again = requester.send("dispatch_job", {"args": job})
+        assert again["ok"] and again["result"] == {**first["result"], "duplicate": True}
+        other = requester.send("dispatch_job", {"args": {**job, "job_id": "R-8"}})
+        assert other["ok"] and "duplicate" not in other["result"], other
+    finally:
+        agent.stop()
+    agent = start_simulated_fleet(mqtt_settings, fleet, speed=1, rate_hz=2, auto_jobs=False, spool_path=spool)
+    try:
+        assert wait_connected(agent)
+        time.sleep(0.2)
+        after_restart = requester.send("dispatch_job", {"args": job})
+        assert after_restart["ok"] and after_restart["result"] == {**first["result"], "duplicate": True}
+        fresh = requester.send("dispatch_job", {"args": {**job, "job_id": "R-9"}})
+        assert fresh["ok"] and fresh["result"]["queued"] == 1 and "duplicate" not in fresh["result"], fresh
+    finally:
+        agent.stop()
+    started = [json.loads(m.payload)["job_id"] for m in collector.messages
+               if m.topic == ref.event_topic and b"job_started" in m.payload]
+    assert started.count("R-7") <= 1, started
+
+
 @pytest.mark.parametrize(
     ("command", "payload", "error"),
     [
