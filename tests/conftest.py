@@ -20,7 +20,7 @@ import paho.mqtt.client as paho
 import pytest
 
 from forgeline.broker import RunningBroker, find_mosquitto, start_embedded, start_mosquitto
-from forgeline.mqtt import MqttSettings, connect
+from forgeline.mqtt import MqttSettings, connect, subscribe_all
 
 
 def _start(tmp: Path, **kw: Any) -> RunningBroker:
@@ -100,10 +100,7 @@ def collect(mqtt_settings: MqttSettings) -> Iterator[Callable[..., Collector]]:
                 collector.cond.notify_all()
 
         client.on_message = on_message
-        subscribed = threading.Event()
-        client.on_subscribe = lambda *a: subscribed.set()
-        client.subscribe([(f, 1) for f in filters])
-        assert subscribed.wait(10), "SUBACK not received"
+        subscribe_all(client, list(filters), what="test collector")
         clients.append(client)
         return collector
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import threading
@@ -23,7 +24,7 @@ from typing import Any
 
 from forgeline.contract import schemas, topics
 from forgeline.contract.topics import Kind
-from forgeline.mqtt import MqttError, MqttSettings, connect
+from forgeline.mqtt import MqttError, MqttSettings, connect, subscribe_all
 from forgeline.routing.model import Fleet, FleetBuilder, FleetError, OrderError, load_order
 from forgeline.routing.router import ConfigError, Router, RoutingConfig
 
@@ -48,6 +49,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--share-group", help="MQTT 5 shared-subscription group for several instances")
     parser.add_argument("--no-dispatch", action="store_true", help="service: do not send jobs to agents")
     parser.add_argument("--state", help="service: file that keeps open and queued builds across restarts")
+    parser.add_argument("--influx-url", help="service: write the routing measurement to this InfluxDB URL")
+    parser.add_argument("--influx-api", choices=["v1", "v2"], default="v2", help="write API (default v2)")
+    parser.add_argument("--influx-bucket", default="forgeline", help="v2 bucket")
+    parser.add_argument("--influx-org", default="forgeline", help="v2 org")
+    parser.add_argument("--influx-database", default="forgeline", help="v1 database")
+    parser.add_argument("--influx-token-env", default="INFLUX_TOKEN",
+                        help="environment variable holding the v2 token (default INFLUX_TOKEN)")
+    parser.add_argument("--influx-spill-dir", help="where points wait while the database is unreachable")
+    parser.add_argument("--influx-interval", type=float, default=10.0,
+                        help="seconds between routing points (default 10)")
 
 
 def fleet_from_broker(settings: MqttSettings, wait_s: float) -> tuple[Fleet, dict[str, str]]:
@@ -114,12 +125,9 @@ def fleet_from_twin_api(settings: MqttSettings, tenants: list[str], timeout_s: f
         return answer.get("result")
 
     client.on_message = on_message
-    subscribed = threading.Event()
-    client.on_subscribe = lambda *_a: subscribed.set()
     try:
-        client.subscribe([(topics.api_response_topic(t, client_id), 1) for t in tenants])
-        if not subscribed.wait(10):
-            raise TwinApiError("no SUBACK for the twin API response topics")
+        subscribe_all(client, [topics.api_response_topic(t, client_id) for t in tenants],
+                      what="routing's twin API responses")
         builder = FleetBuilder()
         for tenant in tenants:
             for row in ask(tenant, "list_devices") or []:
@@ -199,9 +207,16 @@ def run(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace, config: RoutingConfig, fleet: Fleet | None) -> int:
     from forgeline.routing.service import RoutingService
+    from forgeline.timeseries import InfluxSettings
 
+    influx = None
+    if args.influx_url:
+        influx = InfluxSettings(args.influx_url, api=args.influx_api, bucket=args.influx_bucket, org=args.influx_org,
+                                token=os.environ.get(args.influx_token_env), database=args.influx_database,
+                                spill_dir=args.influx_spill_dir)
     service = RoutingService(_settings(args), config, fleet, share_group=args.share_group,
-                             dispatch=not args.no_dispatch, state_path=args.state)
+                             dispatch=not args.no_dispatch, state_path=args.state, influx=influx,
+                             influx_interval_s=args.influx_interval)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_a: stop.set())
     try:
