@@ -1,10 +1,12 @@
-"""The loop's ``feedback`` and ``insight`` measurements: exact line protocol, and real writes read back
-from a real InfluxDB 1.x (``/write``, InfluxQL) and a real VictoriaMetrics (``/api/v2/write``), also
-through the service fed over a real Mosquitto."""
+"""The loop's ``feedback`` and ``insight`` measurements: exact line protocol, and real writes through the
+shared time-series writer read back from a real InfluxDB 1.x (``/write``, InfluxQL) and a real
+VictoriaMetrics (``/api/v2/write``), also through the service fed over a real Mosquitto, and an outage
+(the database missing) that spills to disk and catches up losing nothing."""
 
 from __future__ import annotations
 
 import json
+import time
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -13,21 +15,14 @@ from typing import Any
 
 import pytest
 
-from forgeline.broker import free_port
 from forgeline.contract import topics
 from forgeline.loop.compare import compare_model
 from forgeline.loop.intake import LoopStore
 from forgeline.loop.service import LoopService, ServiceConfig
 from forgeline.loop.simulate import RevisionProfile, simulate_line
-from forgeline.loop.timeseries_out import (
-    InfluxSettings,
-    InfluxWriter,
-    WriteError,
-    feedback_line,
-    insight_lines,
-    line,
-)
+from forgeline.loop.timeseries_out import feedback_line, insight_lines, line
 from forgeline.mqtt import MqttSettings, connect
+from forgeline.timeseries import InfluxSettings, TimeSeriesWriter
 from tests.conftest import Collector
 from tests.servers import start_influxd, start_victoria_metrics
 
@@ -78,13 +73,23 @@ def influxql(url: str, query: str) -> list[dict[str, Any]]:
             for s in series for row in s["values"]]
 
 
+def _wait(predicate: Callable[[], bool], timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)
+
+
 @pytest.mark.influx
-def test_insights_and_feedback_land_in_influxdb_1x(influxd: str) -> None:
+def test_insights_and_feedback_land_in_influxdb_1x(influxd: str, tmp_path: Path) -> None:
     document = document_with_insights()
-    writer = InfluxWriter(InfluxSettings(influxd, api="v1"))
-    assert writer.write(insight_lines("acme", document)) == len(document["comparisons"])
-    writer.write([feedback_line("acme", "MW-20", "B", {"ts": 1_700_000_100.0, "serial": "S1", "rating": 2,
-                                                       "category": "door", "source": "customer"})])
+    writer = TimeSeriesWriter(InfluxSettings(influxd, api="v1"), name="loop").start()
+    assert writer.add(insight_lines("acme", document)) == len(document["comparisons"])
+    writer.add([feedback_line("acme", "MW-20", "B", {"ts": 1_700_000_100.0, "serial": "S1", "rating": 2,
+                                                     "category": "door", "source": "customer"})])
+    assert writer.flush()
+    writer.stop()
+    assert writer.stats.points_written == len(document["comparisons"]) + 1 and writer.stats.write_errors == 0
     rows = influxql(influxd, "SELECT effect, q_value, ci_low, ci_high, flagged, channel, kpi, product_revision, "
                              "baseline_revision FROM insight WHERE tenant = 'acme' AND flagged = 1")
     flagged = {(r["kpi"], r["channel"], r["product_revision"], r["baseline_revision"]) for r in rows}
@@ -94,11 +99,25 @@ def test_insights_and_feedback_land_in_influxdb_1x(influxd: str) -> None:
     assert count["count"] == len(document["comparisons"])
     [feedback] = influxql(influxd, "SELECT rating, fault, serial, category FROM feedback")
     assert (feedback["rating"], feedback["fault"], feedback["serial"], feedback["category"]) == (2, 0, "S1", "door")
-    # A refused write is an error that says so, and the points are counted as lost.
-    missing = InfluxWriter(InfluxSettings(influxd, api="v1", database="nope"))
-    with pytest.raises(WriteError, match="HTTP 404"):
-        missing.write(insight_lines("acme", document)[:3])
-    assert missing.failed == 3 and missing.written == 0
+    # A refused write says why, and the points are kept (spilled), not lost: a missing database is a
+    # configuration problem an operator fixes.
+    spill = tmp_path / "spill"
+    settings = InfluxSettings(influxd, api="v1", database="nope", max_retries=0, retry_interval_s=0.05,
+                              max_retry_delay_s=0.1, spill_dir=str(spill))
+    missing = TimeSeriesWriter(settings, name="loop")
+    missing.add(insight_lines("acme", document)[:3])
+    missing.stop()
+    assert missing.stats.points_written == 0 and missing.stats.write_errors >= 1
+    assert missing.last_error is not None and "HTTP 404" in missing.last_error
+    assert missing.backlog_points == 3 and len(list(spill.glob("loop-*.lp"))) == 1
+    _http(f"{influxd}/query?" + urllib.parse.urlencode({"q": 'CREATE DATABASE "nope"'}), data=b"", method="POST")
+    again = TimeSeriesWriter(settings, name="loop").start()  # a restart finds its spill and replays it
+    assert again.backlog_points == 3 and again.flush()
+    again.stop()
+    answer = json.loads(_http(f"{influxd}/query?" + urllib.parse.urlencode(
+        {"db": "nope", "q": "SELECT count(p_value) FROM insight"})))
+    assert answer["results"][0]["series"][0]["values"][0][1] == 3
+    assert not list(spill.glob("loop-*.lp")) and again.stats.replayed_batches == 1
 
 
 @pytest.mark.influx
@@ -109,7 +128,8 @@ def test_service_writes_both_measurements_while_serving(
                              seed=4)
     feedback = sum(1 for m in messages if "/feedback/" in m.topic)
     watcher = collect(topics.insights_topic(tenant, "MW-20"))
-    config = ServiceConfig(tenant=tenant, interval_s=0.2, influx=InfluxSettings(influxd, api="v1"))
+    config = ServiceConfig(tenant=tenant, interval_s=0.2,
+                           influx=InfluxSettings(influxd, api="v1", flush_interval_s=0.1))
     with LoopService(mqtt_settings, config) as service:
         client = connect(mqtt_settings)
         infos = [client.publish(*m.wire(), qos=1) for m in messages]
@@ -118,7 +138,8 @@ def test_service_writes_both_measurements_while_serving(
         client.loop_stop()
         watcher.wait_for(lambda ms: any(sum(r["feedback"] for r in json.loads(m.payload)["revisions"]) == feedback
                                         for m in ms), timeout=60)
-    assert service.influx is not None and service.influx.failed == 0
+    assert service.influx is not None and service.influx.stats.write_errors == 0
+    assert service.influx.backlog_points == 0 and service.influx.stats.points_written >= feedback + 10
     [count] = influxql(influxd, f"SELECT count(fault) FROM feedback WHERE tenant = '{tenant}'")
     assert count["count"] == feedback
     tested = influxql(influxd, f"SELECT count(p_value) FROM insight WHERE tenant = '{tenant}'")
@@ -127,27 +148,35 @@ def test_service_writes_both_measurements_while_serving(
 
 @pytest.mark.influx
 def test_points_wait_while_the_database_is_unreachable(influxd: str, mqtt_settings: MqttSettings,
-                                                        tenant: str) -> None:
-    config = ServiceConfig(tenant=tenant, interval_s=3600, influx=InfluxSettings(influxd, api="v1"),
-                           influx_retry_points=10_000)
-    service = LoopService(mqtt_settings, config)
+                                                        tenant: str, tmp_path: Path) -> None:
+    """The database the service writes to does not exist yet: every point is spilled to disk, none is
+    written; once it exists the spill is replayed and every feedback point is there exactly once."""
+    spill = tmp_path / "spill"
+    influx = InfluxSettings(influxd, api="v1", database="late", max_retries=0, flush_interval_s=0.05,
+                            retry_interval_s=0.1, max_retry_delay_s=0.2, spill_dir=str(spill))
+    service = LoopService(mqtt_settings, ServiceConfig(tenant=tenant, interval_s=3600, influx=influx))
     assert service.influx is not None
-    good = service.influx.settings
-    service.influx.settings = InfluxSettings(f"http://127.0.0.1:{free_port()}", api="v1", timeout_s=2)
     messages = simulate_line(tenant, "MW-20", [RevisionProfile("A", units=60)], seed=1)
+    feedback = sum(1 for m in messages if "/feedback/" in m.topic)
     service.start()
     try:
         for message in messages:
             service.handle(*message.wire())
-        feedback = sum(1 for m in messages if "/feedback/" in m.topic)
         assert service.publish_due() == 1
-        assert service.counters["influx_errors"] == 1 and service.influx.failed == feedback
-        service.influx.settings = good  # the database is back
-        service.publish_due()
+        insights = len(service.last_documents[(tenant, "MW-20")]["comparisons"])
+        _wait(lambda: service.influx is not None and service.influx.stats.spilled_points == feedback + insights)
+        assert service.influx.stats.points_written == 0 and service.influx.down_since is not None
+        assert "HTTP 404" in (service.influx.last_error or "") and list(spill.glob("loop-*.lp"))
+        _http(f"{influxd}/query?" + urllib.parse.urlencode({"q": 'CREATE DATABASE "late"'}), data=b"",
+              method="POST")  # the database is back
+        assert service.influx.flush(20)
     finally:
         service.stop()
-    [count] = influxql(influxd, f"SELECT count(fault) FROM feedback WHERE tenant = '{tenant}'")
-    assert count["count"] == feedback and service.counters["influx_dropped"] == 0
+    answer = json.loads(_http(f"{influxd}/query?" + urllib.parse.urlencode(
+        {"db": "late", "q": f"SELECT count(fault) FROM feedback WHERE tenant = '{tenant}'"})))
+    assert answer["results"][0]["series"][0]["values"][0][1] == feedback
+    assert service.influx.stats.dropped_points == 0 and service.influx.stats.rejected_points == 0
+    assert not list(spill.glob("loop-*.lp"))
 
 
 @pytest.fixture
@@ -159,8 +188,11 @@ def victoria_metrics(tmp_path: Path) -> Iterator[str]:
 @pytest.mark.influx
 def test_insights_land_in_victoria_metrics_through_the_v2_write_api(victoria_metrics: str) -> None:
     document = document_with_insights()
-    writer = InfluxWriter(InfluxSettings(victoria_metrics, api="v2", bucket="loop", token="not-checked"))
-    writer.write(insight_lines("acme", document))
+    writer = TimeSeriesWriter(InfluxSettings(victoria_metrics, api="v2", bucket="loop", token="not-checked"),
+                              name="loop").start()
+    writer.add(insight_lines("acme", document))
+    assert writer.flush()
+    writer.stop()
     _http(f"{victoria_metrics}/internal/force_flush")
     exported = _http(f"{victoria_metrics}/api/v1/export?" + urllib.parse.urlencode(
         {"match[]": '{__name__="insight_flagged",kpi="anomaly_rate",channel="cavity_temp_rise"}'}))

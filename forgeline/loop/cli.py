@@ -59,6 +59,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     serve.add_argument("--influx-bucket", default="forgeline")
     serve.add_argument("--influx-org", default="forgeline")
     serve.add_argument("--influx-database", default="forgeline", help="v1 database")
+    serve.add_argument("--influx-spill-dir", default=None,
+                       help="where points wait while the database is unreachable (default: in memory)")
     serve.add_argument("--influx-token-env", default="INFLUX_TOKEN",
                        help="environment variable holding the v2 token (default INFLUX_TOKEN)")
     serve.add_argument("--first-look", type=int, default=100,
@@ -202,12 +204,13 @@ def _document_from_broker(args: argparse.Namespace) -> dict[str, Any]:
 
 def _serve(args: argparse.Namespace) -> int:
     from forgeline.loop.service import LoopService, ServiceConfig
-    from forgeline.loop.timeseries_out import InfluxSettings
+    from forgeline.timeseries import InfluxSettings
 
     influx = None
     if args.influx_url:
         influx = InfluxSettings(args.influx_url, api=args.influx_api, bucket=args.influx_bucket, org=args.influx_org,
-                                token=os.environ.get(args.influx_token_env), database=args.influx_database)
+                                token=os.environ.get(args.influx_token_env), database=args.influx_database,
+                                spill_dir=args.influx_spill_dir)
     config = ServiceConfig(tenant=args.tenant, interval_s=args.interval, loop=_loop_config(args),
                            state_file=args.state, state_interval_s=args.state_interval, influx=influx)
     service = LoopService(_mqtt_settings(args, args.broker), config)
@@ -222,7 +225,9 @@ def _serve(args: argparse.Namespace) -> int:
         if deadline is not None and time.monotonic() >= deadline:
             break
     service.stop()
-    print(json.dumps({"counters": service.counters, "intake": service.store.counters.as_dict()}), flush=True)
+    influx_stats = service.influx.stats.as_dict() if service.influx is not None else None
+    print(json.dumps({"counters": service.counters, "intake": service.store.counters.as_dict(),
+                      "influx": influx_stats}), flush=True)
     return 0
 
 

@@ -33,15 +33,18 @@ from forgeline.contract import schemas, topics
 from forgeline.contract.topics import Kind
 from forgeline.loop.compare import LoopConfig, monitor_model
 from forgeline.loop.intake import IntakeError, LoopStore, ModelData, RevisionData
-from forgeline.loop.timeseries_out import InfluxSettings, InfluxWriter, WriteError, feedback_line, insight_lines
+from forgeline.loop.timeseries_out import feedback_line, insight_lines
 from forgeline.mqtt import MqttSettings, connect, subscribe_all
+from forgeline.timeseries import InfluxSettings, TimeSeriesWriter
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class ServiceConfig:
-    """``tenant`` is one tenant or ``+`` for all; ``state_file`` keeps what was accepted across restarts."""
+    """``tenant`` is one tenant or ``+`` for all; ``state_file`` keeps what was accepted across restarts;
+    ``influx`` (optional) writes feedback and insight points through the shared time-series writer, which
+    retries and spills to ``influx.spill_dir`` while the database is unreachable."""
 
     tenant: str = "+"
     interval_s: float = 10.0
@@ -51,7 +54,6 @@ class ServiceConfig:
     client_id: str | None = None
     publish_timeout_s: float = 10.0
     state_interval_s: float = 60.0  # the state file grows with the units seen: written at most this often
-    influx_retry_points: int = 100_000  # points kept for the next round while the database refuses writes
 
     def __post_init__(self) -> None:
         if self.tenant != "+":
@@ -91,16 +93,14 @@ class LoopService:
         self.settings = settings
         self.config = config or ServiceConfig()
         self.store = store or self._load_state()
-        self.influx = InfluxWriter(self.config.influx) if self.config.influx else None
+        self.influx = TimeSeriesWriter(self.config.influx, name="loop") if self.config.influx else None
         self.lock = threading.Lock()
         self.published_versions: dict[tuple[str, str], int] = {}
-        self.counters = {"messages": 0, "dead_letters": 0, "published": 0, "publish_errors": 0,
-                         "influx_errors": 0, "influx_dropped": 0}
+        self.counters = {"messages": 0, "dead_letters": 0, "published": 0, "publish_errors": 0}
         self.last_documents: dict[tuple[str, str], dict[str, Any]] = {}
         self._client: paho.Client | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._pending_lines: list[str] = []
         self._state_saved = time.monotonic()
         self._journal: TextIO | None = None
 
@@ -117,6 +117,8 @@ class LoopService:
         client.on_message = self._on_message
         subscribe_all(client, self.filters, what="loop service")
         self._client = client
+        if self.influx is not None:
+            self.influx.start()
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, name="loop-publisher", daemon=True)
         self._thread.start()
@@ -131,6 +133,8 @@ class LoopService:
             self._client.disconnect()
             self._client.loop_stop()
             self._client = None
+        if self.influx is not None:
+            self.influx.stop()  # writes what is queued, or spills it
         self.save_state()
 
     def __enter__(self) -> LoopService:
@@ -167,7 +171,7 @@ class LoopService:
             if outcome == "feedback" and self.influx is not None and document is not None:
                 parsed = topics.parse(topic)
                 assert parsed.tenant and parsed.model and parsed.revision
-                self._pending_lines.append(feedback_line(parsed.tenant, parsed.model, parsed.revision, document))
+                self.influx.add([feedback_line(parsed.tenant, parsed.model, parsed.revision, document)])
             return outcome
 
     def _dead_letter(self, topic: str, payload: bytes, reason: str) -> None:
@@ -187,7 +191,6 @@ class LoopService:
         with self.lock:
             due = [m for key, m in self.store.models.items() if self.published_versions.get(key) != m.version]
             work = [(m.tenant, m.model, m.version, _frozen(m)) for m in due]
-            lines, self._pending_lines = self._pending_lines, []
         published = 0
         for tenant, model_name, version, model in work:
             document = fit_document(monitor_model(model, self.config.loop))
@@ -202,27 +205,10 @@ class LoopService:
                     self.published_versions[(tenant, model_name)] = version
                     self.last_documents[(tenant, model_name)] = document
                 if self.influx is not None:
-                    lines += insight_lines(tenant, document)
-        if lines and self.influx is not None:
-            try:
-                self.influx.write(lines)
-            except WriteError as exc:
-                self.counters["influx_errors"] += 1
-                log.warning("%s", exc)
-                self._keep_for_retry(lines)
+                    self.influx.add(insight_lines(tenant, document))
         if published and time.monotonic() - self._state_saved >= self.config.state_interval_s:
             self.save_state()
         return published
-
-    def _keep_for_retry(self, lines: list[str]) -> None:
-        """Points the database refused wait for the next round; beyond the bound the oldest are dropped,
-        counted in ``influx_dropped`` (insight points are recomputed every round; feedback points are not)."""
-        with self.lock:
-            self._pending_lines[:0] = lines
-            excess = len(self._pending_lines) - self.config.influx_retry_points
-            if excess > 0:
-                del self._pending_lines[:excess]
-                self.counters["influx_dropped"] += excess
 
     def _publish(self, topic: str, payload: bytes) -> bool:
         if self._client is None:
