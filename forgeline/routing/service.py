@@ -17,6 +17,11 @@ again (same correlation id, so an agent that did get it answers again) up to ``d
 times; a refused or unanswered job, and every build on a printer that goes offline, into error or
 above its anomaly threshold, is re-routed.
 
+With ``influx`` set, the worker writes the ``routing`` measurement (queue, open builds and their fill,
+released builds, on-time rate per tenant and technology, see :mod:`forgeline.routing.metrics`) every
+``influx_interval_s`` through the shared time-series writer, which spills to ``influx.spill_dir`` while
+the database is unreachable. Off by default.
+
 Example::
 
     service = RoutingService(MqttSettings.from_url("mqtt://127.0.0.1:1883"))
@@ -44,8 +49,10 @@ from forgeline.contract import schemas, topics
 from forgeline.contract.schemas import PayloadError
 from forgeline.contract.topics import DeviceRef, Kind, TopicError
 from forgeline.mqtt import MqttSettings, connect, subscribe_all
+from forgeline.routing.metrics import OnTimeTally, routing_lines
 from forgeline.routing.model import Fleet, FleetBuilder, OrderError, parse_order
 from forgeline.routing.router import PlannedBuild, Router, RoutingConfig, RoutingResult, restore, snapshot
+from forgeline.timeseries import InfluxSettings, TimeSeriesWriter
 
 log = logging.getLogger(__name__)
 
@@ -103,8 +110,14 @@ class RoutingService:
     # Where the router's state (open and queued builds, their parts) is kept across restarts; written
     # atomically after every change. None: in memory only (accepted parts die with the process).
     state_path: str | None = None
+    influx: InfluxSettings | None = None  # write the routing measurement (off when None)
+    influx_interval_s: float = 10.0
 
     def __post_init__(self) -> None:
+        if not self.influx_interval_s > 0:
+            raise ValueError(f"influx_interval_s must be > 0, got {self.influx_interval_s!r}")
+        self.writer = TimeSeriesWriter(self.influx, name="routing") if self.influx is not None else None
+        self.on_time = OnTimeTally()
         self.builder = FleetBuilder()
         self.router = Router(self.fleet if self.fleet is not None else Fleet(), self.config,
                              on_release=self._released)
@@ -136,6 +149,8 @@ class RoutingService:
             filters += [topics.device_filter(Kind.STATUS), topics.device_filter(Kind.TWIN)]
         subscribe_all(client, filters, what="routing service")
         self._client = client
+        if self.writer is not None:
+            self.writer.start()
         self._worker = threading.Thread(target=self._run, name="routing-service", daemon=True)
         self._worker.start()
         self.ready.set()
@@ -148,6 +163,9 @@ class RoutingService:
         if self._client is not None:
             self._client.disconnect()
             self._client.loop_stop()
+        if self.writer is not None:
+            self.writer.add(routing_lines(self.router, self.on_time, time.time()))  # the state at shutdown
+            self.writer.stop()  # writes what is queued, or spills it
 
     def __enter__(self) -> RoutingService:
         self.start()
@@ -160,6 +178,7 @@ class RoutingService:
 
     def _run(self) -> None:
         next_tick = time.monotonic() + self.tick_s
+        next_point = time.monotonic()
         while not self._stop.is_set():
             timeout = max(0.0, min(next_tick - time.monotonic(), 0.2))
             try:
@@ -177,6 +196,9 @@ class RoutingService:
                 self._check_timeouts()
                 if self._dirty:
                     self._save()
+                if self.writer is not None and time.monotonic() >= next_point:
+                    next_point = time.monotonic() + self.influx_interval_s
+                    self.writer.add(routing_lines(self.router, self.on_time, time.time()))
             except Exception:  # a bug must not stop the service; it is logged with the message
                 log.exception("routing service: failed on %s", message.topic if message else "tick")
 
@@ -293,6 +315,7 @@ class RoutingService:
             self.router.mark_started(job_id, float(event["ts"]))
         elif event["type"] == "job_finished":
             self.router.mark_done(job_id)
+            self.on_time.finished(planned, float(event["ts"]))
         elif event["type"] == "job_aborted":
             result = self.router.reroute_build(job_id, time.time(), f"job aborted on {device.key}")
             self.counters.reroutes += 1
