@@ -255,3 +255,49 @@ def test_restart_keeps_accepted_parts_and_redispatches_unacknowledged_jobs(
         second.stop()
         agents.close()
         responses.close()
+
+
+@pytest.mark.influx
+def test_routing_measurement_spilled_and_loaded_into_influxdb(
+    settings: MqttSettings, fleet_published: paho.Client, tmp_path: Any
+) -> None:
+    """With an InfluxDB URL nobody listens on, the routing points go to the spill directory; loaded into a
+    real influxd they give the queue, the open build and its fill, and the on-time rate of the order."""
+    from forgeline.broker import free_port
+    from forgeline.timeseries import InfluxSettings
+    from tests.servers import start_influxd
+
+    spill = tmp_path / "spill"
+    influx = InfluxSettings(f"http://127.0.0.1:{free_port()}", max_retries=0, flush_interval_s=0.1,
+                            retry_interval_s=0.05, max_retry_delay_s=0.2, spill_dir=str(spill))
+    responses = Responses(settings)
+    service = RoutingService(settings, dispatch=False, influx=influx, influx_interval_s=0.2)
+    service.start()
+    try:
+        _wait(lambda: len(service.router.fleet) == 3)
+        answer = responses.request("shop", order("o-9", 30))
+        assert answer["ok"] and len(answer["assignments"]) == 30
+        [build] = service.router.builds.values()
+        assert build.status == "open"  # kept open for more parts
+        assert service.writer is not None
+        _wait(lambda: service.writer is not None and service.writer.stats.spilled_points >= 6)
+    finally:
+        service.stop()
+        responses.close()
+    assert service.writer.stats.points_written == 0 and service.writer.stats.dropped_points == 0
+    lines = [text for path in sorted(spill.glob("routing-*.lp")) for text in path.read_text().splitlines()]
+    assert len(lines) == service.writer.stats.spilled_points
+    with start_influxd(tmp_path / "influxd") as server:
+        server.write(lines)
+        [acme] = server.query('SELECT last("queued_parts") AS queued, max("queued_parts") AS most, '
+                              'last("open_builds") AS open, '
+                              'last("open_build_fill") AS fill, last("released_builds") AS released, '
+                              'last("on_time_rate") AS on_time FROM "routing" '
+                              "WHERE \"tenant\" = 'acme' AND \"technology\" = 'MJF'")
+        assert (acme["queued"], acme["most"], acme["open"], acme["released"]) == (30, 30, 1, 0)
+        assert acme["fill"] == pytest.approx(build.build.fill, abs=1e-9) and 0 < acme["fill"] < 1
+        assert acme["on_time"] == 1.0  # due in five days, ready within hours
+        [beta] = server.query('SELECT last("queued_parts") AS queued, last("open_builds") AS open FROM "routing" '
+                              "WHERE \"tenant\" = 'beta'")
+        assert (beta["queued"], beta["open"]) == (0, 0)  # an idle factory shows zeros, not nothing
+        assert server.query("SELECT count(\"open_build_fill\") FROM \"routing\" WHERE \"tenant\" = 'beta'") == []
