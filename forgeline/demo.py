@@ -45,6 +45,77 @@ DEMO_MATERIALS = {"FDM": "PLA", "SLA": "standard-resin", "DLP": "rigid-resin", "
                   "metal": "316L"}
 
 
+class DemoFeedback:
+    """The oven line's customers: feedback on shipped ovens (good units leaving the last station), as
+    customer service sends it on ``fl/v1/{tenant}/feedback/{model}/{revision}``.
+
+    Months of field feedback compressed into the demo's minutes, so the rates per shipped oven are high:
+    a rating from 35 % of the users, complaints at 1 % per category, and a door complaint rate that
+    grows with the square of the revision's door leakage (3 % at nominal; revision C's weaker seal,
+    leakage ×1.8, about 10 %, half of them service calls). Seeded per serial: the same run gives the
+    same feedback."""
+
+    REVIEW_RATE = 0.35
+    COMPLAINT_RATE = 0.01
+    DOOR_COMPLAINT_RATE = 0.03
+    RATING_WEIGHTS = (0.03, 0.05, 0.12, 0.4, 0.4)
+
+    def __init__(self, settings: MqttSettings, last_station: DeviceRef, door_leakage: dict[str, float],
+                 seed: int) -> None:
+        self.settings = settings
+        self.last_station = last_station
+        self.door_leakage = door_leakage  # revision -> door leakage scale (1.0 when not listed)
+        self.seed = seed
+        self.sent = 0
+        self._client: Any = None
+
+    def start(self) -> None:
+        from forgeline.mqtt import subscribe_all
+
+        client = connect(self.settings, client_id=f"demo-feedback-{uuid.uuid4().hex[:6]}")
+        client.on_message = lambda _c, _u, message: self._on_event(bytes(message.payload))
+        subscribe_all(client, [self.last_station.event_topic], what="demo feedback")
+        self._client = client
+
+    def stop(self) -> None:
+        if self._client is not None:
+            self._client.disconnect()
+            self._client.loop_stop()
+            self._client = None
+
+    def feedback_for(self, serial: str, revision: str, ts: float) -> list[dict[str, Any]]:
+        from forgeline.loop.simulate import COMPLAINT_CATEGORIES
+
+        rng = random.Random(f"{self.seed}/{serial}")
+        out: list[dict[str, Any]] = []
+        door_rate = min(0.9, self.DOOR_COMPLAINT_RATE * self.door_leakage.get(revision, 1.0) ** 2)
+        for category in COMPLAINT_CATEGORIES:
+            if rng.random() < (door_rate if category == "door" else self.COMPLAINT_RATE):
+                fault = category == "door" and rng.random() < 0.5
+                out.append({"ts": ts, "serial": serial, "source": "service" if fault else "customer",
+                            "category": category, "rating": rng.choice((1, 2)), "fault": fault,
+                            "text": f"complaint about {category}"})
+        if rng.random() < self.REVIEW_RATE:
+            rating = rng.choices((1, 2, 3, 4, 5), weights=self.RATING_WEIGHTS)[0]
+            out.append({"ts": ts, "serial": serial, "source": "user", "rating": rating, "category": "none"})
+        return out
+
+    def _on_event(self, payload: bytes) -> None:
+        try:
+            event = schemas.loads("event", payload)
+        except schemas.PayloadError:
+            return
+        if event.get("type") != "unit_produced" or not event.get("good") or not event.get("serial"):
+            return
+        model, revision = event.get("product_model"), event.get("product_revision")
+        if not model or not revision:
+            return
+        topic = topics.feedback_topic(self.last_station.tenant, model, revision)
+        for document in self.feedback_for(event["serial"], revision, round(time.time(), 3)):
+            self._client.publish(topic, schemas.dumps(document), qos=1)
+            self.sent += 1
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--duration", type=float, default=0.0, help="seconds to run (default: until Ctrl-C)")
     parser.add_argument("--speed", type=float, default=120.0,
@@ -70,6 +141,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--revision-at", type=float, default=30.0,
                         help="seconds after start when the oven line switches from revision B to C, whose door "
                              "seal leaks more, so the iteration loop has two revisions to compare (0: never)")
+    parser.add_argument("--incident-at", type=float, default=90.0,
+                        help="seconds after start when fdm-01's nozzle temperature shifts for 15 s (a labelled "
+                             "incident the twin flags once the device is warm, besides the random ones; default 90; "
+                             "0: none)")
     parser.add_argument("--order-every", type=float, default=6.0,
                         help="seconds between customer orders sent to order routing (0: no orders)")
     parser.add_argument("--no-view", action="store_true", help="no live view; print a summary at the end")
@@ -88,6 +163,7 @@ class Demo:
         self.loop: Any = None
         self.agents: list[Any] = []
         self.routing: Any = None
+        self.feedback: DemoFeedback | None = None
         self._orders_client: Any = None
         self.secure: Any = None
         self.view: LiveView | None = None
@@ -96,7 +172,7 @@ class Demo:
 
     def start(self) -> None:
         from edge_agent.agent import start_simulated_fleet
-        from edge_agent.sources.simulator import RevisionEffects, demo_fleet
+        from edge_agent.sources.simulator import EpisodeSpec, RevisionEffects, demo_fleet
         from twin.config import InfluxConfig, TwinConfig
         from twin.service import TwinService
 
@@ -136,23 +212,35 @@ class Demo:
                             fleet_interval_s=2.0, snapshot_dir=str(data_dir / "snapshots"), influx=influx)
         self.twin = TwinService(config).start()
         from forgeline.loop.service import LoopService, ServiceConfig
-        from forgeline.loop.timeseries_out import InfluxSettings
+        from forgeline.timeseries import InfluxSettings
 
-        loop_influx = (InfluxSettings(url=args.influx_url, api="v2", bucket=args.influx_bucket, org=args.influx_org,
-                                      token=args.influx_token or None) if args.influx_url else None)
+        # The loop and routing write through the same writer as the twin, spilling next to its files.
+        service_influx = (InfluxSettings(url=args.influx_url, api="v2", bucket=args.influx_bucket,
+                                         org=args.influx_org, token=args.influx_token or None,
+                                         flush_interval_s=min(1.0, args.influx_interval),
+                                         spill_dir=str(data_dir / "influx-spill")) if args.influx_url else None)
         self.loop = LoopService(self._account("_loop"), ServiceConfig(interval_s=5.0, client_id="demo-loop",
                                                                       state_file=data_dir / "loop-state.json",
-                                                                      influx=loop_influx))
+                                                                      influx=service_influx))
         self.loop.start()
         from forgeline.routing.service import RoutingService
 
-        self.routing = RoutingService(self._account("_routing"), client_id="demo-routing")
+        self.routing = RoutingService(self._account("_routing"), client_id="demo-routing", influx=service_influx,
+                                      influx_interval_s=args.influx_interval)
         self.routing.start()
         fleet = demo_fleet(labels_file=str(data_dir / "anomaly-labels.jsonl"))
         # Revision C of the oven has a weaker door seal: the change engineering should hear about.
         line = dataclasses.replace(fleet.lines[0], effects={"C": RevisionEffects(door_leakage_scale=1.8)})
         fleet = dataclasses.replace(fleet, lines=(line, *fleet.lines[1:]))
+        if args.incident_at > 0:  # one incident at a known time, so a short run shows an anomaly event too
+            incident = EpisodeSpec("fdm-01", "nozzle_temp", "level_shift", start_s=args.incident_at, duration_s=15.0,
+                                   magnitude=40.0)
+            fleet = dataclasses.replace(fleet, anomalies=dataclasses.replace(fleet.anomalies, episodes=(incident,)))
         self.line_station = DeviceRef(line.tenant or fleet.tenant, line.site or fleet.site, line.area, line.stations[0])
+        self.feedback = DemoFeedback(self._account("_routing"), dataclasses.replace(
+            self.line_station, device=line.stations[-1]), {r: e.door_leakage_scale for r, e in line.effects.items()},
+            args.seed)
+        self.feedback.start()
         if self.secure is None:
             self.agents = [start_simulated_fleet(self.settings, fleet, speed=args.speed, seed=args.seed,
                                                  rate_hz=args.rate, spool_path=data_dir / "spool.sqlite")]
@@ -248,7 +336,8 @@ class Demo:
         if self._orders_client is not None:
             self._orders_client.disconnect()
             self._orders_client.loop_stop()
-        parts = ((self.view, "view"), *((agent, "agent") for agent in self.agents), (self.routing, "routing"),
+        parts = ((self.view, "view"), (self.feedback, "feedback"), *((agent, "agent") for agent in self.agents),
+                 (self.routing, "routing"),
                  (self.loop, "loop"),
                  (self.twin, "twin"), (self.broker, "broker"), (self.secure, "broker"))
         for part, name in parts:
