@@ -249,10 +249,13 @@ class Demo:
             self.agents = []
             for tenant in sorted({p.tenant or fleet.tenant for p in fleet.printers}
                                  | {ln.tenant or fleet.tenant for ln in fleet.lines}):
+                printers = tuple(p for p in fleet.printers if (p.tenant or fleet.tenant) == tenant)
+                names = {p.device for p in printers}
                 own = dataclasses.replace(
-                    fleet,
-                    printers=tuple(p for p in fleet.printers if (p.tenant or fleet.tenant) == tenant),
+                    fleet, printers=printers,
                     lines=tuple(ln for ln in fleet.lines if (ln.tenant or fleet.tenant) == tenant),
+                    anomalies=dataclasses.replace(fleet.anomalies, episodes=tuple(
+                        e for e in fleet.anomalies.episodes if e.device in names)),
                 )
                 self.agents.append(start_simulated_fleet(
                     self.secure.ensure_user(tenant), own, speed=args.speed, seed=args.seed, rate_hz=args.rate,
