@@ -122,7 +122,8 @@ def test_both_v2_send_paths_write_the_same_points(vm: RunningVictoriaMetrics) ->
                                   {"queued_parts": 3, "open_build_fill": 0.25}, 1_700_000_000.0)])
         assert writer.flush()
         writer.stop()
-        _wait(lambda t=tenant: bool(vm.export(f'{{__name__="routing_queued_parts",tenant="{t}"}}')))
+        selector = f'{{__name__="routing_queued_parts",tenant="{tenant}"}}'
+        _wait(lambda: bool(vm.export(selector)))  # noqa: B023 (waited for here, in this iteration)
         [series] = vm.export(f'{{__name__="routing_open_build_fill",tenant="{tenant}"}}')
         assert series["values"] == [0.25] and series["timestamps"] == [1_700_000_000_000]
         assert series["metric"]["technology"] == "MJF"
