@@ -127,8 +127,12 @@ def test_line_revision_change_is_announced() -> None:
     with pytest.raises(CommandError, match="non-empty string"):
         source.set_config("ovens/plant1/line1/power", {"product_revision": 3})
     printer = SimulatorSource(FleetSpec("acme", "p", "a", (PrinterSpec("f1", "FDM"),)), start_s=START)
-    with pytest.raises(CommandError, match="line stations only"):
-        printer.set_config("acme/p/a/f1", {"product_revision": "C"})
+    # A printer's revision is the version of its process profiles; the profile is named by the material.
+    assert printer.set_config("acme/p/a/f1", {"product_revision": "C"}) == {"product_revision": "C"}
+    with pytest.raises(CommandError, match="named by their material"):
+        printer.set_config("acme/p/a/f1", {"product_model": "PLA-fast"})
+    with pytest.raises(CommandError, match="invalid product_revision"):
+        printer.set_config("acme/p/a/f1", {"product_revision": "v 2"})
     with pytest.raises(CommandError, match="does not support"):
         source.set_config("ovens/plant1/line1/power", {"colour": "red"})
 

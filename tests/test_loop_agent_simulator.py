@@ -131,3 +131,48 @@ def test_stations_announce_the_new_revision() -> None:
     assert {b["product_revision"] for b in births} == {"A", "B"}
     assert {DeviceRef.from_key(f"acme/plant1/line1/{name}").status_topic for name in ("power", "leak")} <= {
         topic for topic, _ in messages}
+
+
+def test_every_line_event_names_the_model_and_revision_being_built() -> None:
+    messages = run_line(6, 300)
+    events = [schemas.loads("event", payload) for topic, payload in messages if "/event/" in topic]
+    stops = [e for e in events if e["type"] != "unit_produced"]
+    assert stops, "no station stop in the run: nothing to check"  # alarms and state changes of stations
+    assert {(e["product_model"], e["product_revision"]) for e in events} == {("MW-20", "A"), ("MW-20", "B")}
+
+
+def test_print_jobs_carry_material_and_process_profile_version_into_the_loop() -> None:
+    """Print jobs are units of their process profile (product model, named by the material) and profile
+    version (product revision): a new version set on the printer is compared with the previous one."""
+    fleet = simulator.FleetSpec(tenant="acme", printers=(
+        simulator.PrinterSpec("fdm-01", "FDM", materials=("PLA",)),
+        simulator.PrinterSpec("sls-01", "SLS", materials=("PA12",), profile_revision="7"),
+    ))
+    source = simulator.SimulatorSource(fleet, seed=3, speed=3000, rate_hz=0.01, tick_s=1.0, start_s=START)
+    sink = MessageSink()
+    source.attach(sink)
+    now = START
+
+    def ended(revision: str) -> int:
+        return sum(1 for topic, payload in sink.messages if topic.endswith("/fdm-01") and b'"job_' in payload
+                   and schemas.loads("event", payload)["type"] in ("job_finished", "job_aborted")
+                   and schemas.loads("event", payload)["product_revision"] == revision)
+
+    for revision in ("1", "2"):
+        if revision == "2":
+            assert source.set_config("acme/plant1/hall1/fdm-01", {"product_revision": "2"}) == {"product_revision": "2"}
+        while ended(revision) < 4:
+            now += 1.0
+            source.step(now)
+    jobs = [schemas.loads("event", payload) for _, payload in sink.messages]
+    jobs = [e for e in jobs if e["type"].startswith("job_")]
+    assert {(e["material"], e["product_model"], e["product_revision"]) for e in jobs} == {
+        ("PLA", "PLA-standard", "1"), ("PLA", "PLA-standard", "2"), ("PA12", "PA12-standard", "7")}
+    finished = [e for e in jobs if e["type"] == "job_finished"]
+    assert all(e["good"] == (e["parts_scrap"] == 0) for e in finished)
+    store = LoopStore()
+    assert store.ingest_all(sink.messages)["rejected"] == 0
+    [profile] = store.find("PLA-standard", "acme")
+    units = {name: data.units for name, data in profile.revisions.items()}
+    assert units["1"] >= 4 and units["2"] >= 4, units
+    assert set(store.find("PA12-standard", "acme")[0].revisions) == {"7"}

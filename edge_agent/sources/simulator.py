@@ -31,6 +31,9 @@ Config (``type: simulator``)::
     printers:
       - {device: fdm-01, technology: FDM}
       - {device: sls-01, technology: SLS, tenant: factory-b, materials: [PA12], build_volume_mm: [340, 340, 600]}
+        # profile_revision: the version of the process profiles its jobs are printed with (default 1);
+        # each job's events carry material, product_model (the profile, "<material>-standard" unless the
+        # dispatch_job names one) and product_revision (the version): set_config product_revision changes it
     lines:
       - {area: line1, product_model: MW-20, product_revision: B, stations: [assembly, power, leak, safety]}
     anomalies:
@@ -56,7 +59,7 @@ from typing import Any
 from edge_agent.anomalies import KINDS, AnomalyInjector, Episode, RandomSchedule
 from edge_agent.device import DeviceInfo
 from edge_agent.sources.base import CommandError, DeviceStream, Sink, Source
-from forgeline.contract.topics import DeviceRef
+from forgeline.contract.topics import DeviceRef, TopicError, check_ident
 from forgeline.contract.vocabulary import CHANNELS, DeviceState, Technology
 
 COUNTERS = ("produced_total", "good_total", "scrap_total")
@@ -177,15 +180,22 @@ class Job:
     build_height_mm: float
     layers: int
     layer_time_s: float
+    process_profile: str  # the loop's product model of a print job ...
+    profile_revision: str  # ... and its revision: the version of that process profile
     elapsed_s: float = 0.0
 
     @property
     def print_time_s(self) -> float:
         return self.layers * self.layer_time_s
 
+    def tags(self) -> dict[str, Any]:
+        """What every event of the job carries: its material and process profile version."""
+        return {"material": self.material, "product_model": self.process_profile,
+                "product_revision": self.profile_revision}
+
     def started_event(self, ts: float) -> dict[str, Any]:
         return {
-            "type": "job_started", "ts": ts, "job_id": self.job_id, "parts": self.parts, "material": self.material,
+            "type": "job_started", "ts": ts, "job_id": self.job_id, "parts": self.parts, **self.tags(),
             "material_density_g_cm3": self.density, "build_height_mm": round(self.build_height_mm, 3),
         }
 
@@ -207,9 +217,10 @@ class SimulatedPrinter(Unit):
     """A 3D printer of one technology."""
 
     def __init__(self, info: DeviceInfo, profile: TechProfile, seed: int, *, auto_jobs: bool,
-                 idle_mean_s: float = 1200.0) -> None:
+                 idle_mean_s: float = 1200.0, profile_revision: str = "1") -> None:
         self.info = info
         self.profile = profile
+        self.profile_revision = profile_revision  # version of the process profiles new jobs are printed with
         self.rng = random.Random(f"{seed}/{info.key}/process")
         self.noise = random.Random(f"{seed}/{info.key}/noise")
         self.auto_jobs = auto_jobs
@@ -265,9 +276,11 @@ class SimulatedPrinter(Unit):
             })
         return self._job(f"{self.info.ref.device}-job{self.job_counter}", parts, material, density, height)
 
-    def _job(self, job_id: str, parts: list[dict[str, Any]], material: str, density: float, height: float) -> Job:
+    def _job(self, job_id: str, parts: list[dict[str, Any]], material: str, density: float, height: float,
+             process_profile: str | None = None, profile_revision: str | None = None) -> Job:
         layers = max(1, math.ceil(height / self.profile.layer_height_mm))
-        return Job(job_id, parts, material, density, height, layers, self.profile.layer_time_s)
+        return Job(job_id, parts, material, density, height, layers, self.profile.layer_time_s,
+                   process_profile or f"{material}-standard", profile_revision or self.profile_revision)
 
     def dispatch(self, spec: Mapping[str, Any]) -> dict[str, Any]:
         """Queue a job from a ``dispatch_job`` command (validated here; errors name the bad field)."""
@@ -308,7 +321,15 @@ class SimulatedPrinter(Unit):
         height = spec.get("build_height_mm", max(float(p["bbox_mm"][2]) for p in clean))
         if isinstance(height, bool) or not isinstance(height, int | float) or not 0 < height <= volume[2]:
             raise CommandError(f"build_height_mm must be in (0, {volume[2]}]")
-        job = self._job(job_id, clean, str(material), float(density), float(height))
+        tags = {key: spec.get(key) for key in ("product_model", "product_revision")}
+        for key, value in tags.items():
+            if value is not None:
+                try:
+                    check_ident(value, key)
+                except TopicError as exc:
+                    raise CommandError(f"{key} (the process profile and its version): {exc}") from None
+        job = self._job(job_id, clean, str(material), float(density), float(height), tags["product_model"],
+                        tags["product_revision"])
         with self.lock:
             self.queue.append(job)
             position = len(self.queue)
@@ -347,8 +368,12 @@ class SimulatedPrinter(Unit):
         self.scrap += count - good
         self.jobs_done += 1
         self.jobs_since_maintenance += 1
-        emit({"type": "job_finished", "ts": now_s, "job_id": job.job_id, "parts_good": good,
-              "parts_scrap": count - good, "print_time_s": round(job.print_time_s, 1)})
+        finished: dict[str, Any] = {"type": "job_finished", "ts": now_s, "job_id": job.job_id, **job.tags(),
+                                    "good": good == count, "parts_good": good, "parts_scrap": count - good,
+                                    "print_time_s": round(job.print_time_s, 1)}
+        if good < count:
+            finished["defect"] = "parts_scrap"
+        emit(finished)
         self.job = None
         self.layer_progress = 1.0
         self._after_job(now_s, emit)
@@ -414,7 +439,7 @@ class SimulatedPrinter(Unit):
                 if _hazard(self.rng, 0.05, step):
                     emit({"type": "alarm", "ts": now_s, "severity": "critical", "job_id": job.job_id,
                           "message": "simulated fault: build aborted"})
-                    emit({"type": "job_aborted", "ts": now_s, "job_id": job.job_id})
+                    emit({"type": "job_aborted", "ts": now_s, "job_id": job.job_id, **job.tags()})
                     self.produced += len(job.parts)
                     self.scrap += len(job.parts)
                     self.job = None
@@ -686,6 +711,7 @@ class PrinterSpec:
     build_volume_mm: tuple[float, float, float] | None = None
     vendor: str | None = None
     model: str | None = None
+    profile_revision: str = "1"  # version of the process profiles (one per material) jobs are printed with
 
 
 @dataclass(frozen=True)
@@ -753,11 +779,13 @@ class SimulatorSource(Source):
         self.lines: dict[str, OvenLine] = {}
         for printer in fleet.printers:
             self.units.append(self._printer(printer, auto_jobs))
-        for line_spec in fleet.lines:
+        for number, line_spec in enumerate(fleet.lines):
             ref = DeviceRef(line_spec.tenant or fleet.tenant, line_spec.site or fleet.site, line_spec.area, "line")
+            # Serial numbers are unique per line: two lines building one model must not number the same
+            # oven twice (the loop counts units by serial). The first line keeps the plain prefix.
+            prefix = f"{line_spec.product_model}-{seed}-" + (f"L{number + 1}-" if number else "")
             line = OvenLine(ref, line_spec.product_model, line_spec.product_revision, line_spec.stations, seed,
-                            self.injector, line_spec.effects, rate_hz, f"{line_spec.product_model}-{seed}-",
-                            speed=self.speed)
+                            self.injector, line_spec.effects, rate_hz, prefix, speed=self.speed)
             for station in line.stations:
                 self.lines[station.info.key] = line
                 self.units.append(station)
@@ -804,7 +832,8 @@ class SimulatorSource(Source):
             part_spacing_mm=2.0 if profile.powder_bed else 5.0, cost_per_hour=profile.cost_per_hour,
             rate_hz=self.default_rate_hz,
         )
-        return SimulatedPrinter(info, profile, self.seed, auto_jobs=auto_jobs)
+        check_ident(spec.profile_revision, "profile_revision")
+        return SimulatedPrinter(info, profile, self.seed, auto_jobs=auto_jobs, profile_revision=spec.profile_revision)
 
     def _resolve(self, device: str) -> str:
         if device in self._by_key:
@@ -829,15 +858,27 @@ class SimulatorSource(Source):
         line = self.lines.get(device_key)
         revision_keys = {"product_model", "product_revision"}
         applied: dict[str, Any] = {}
+        printer = self._by_key.get(device_key)
         if revision_keys & set(settings):
-            if line is None:
-                raise CommandError("product_model/product_revision apply to line stations only")
+            if line is None and not isinstance(printer, SimulatedPrinter):
+                raise CommandError("product_model/product_revision apply to line stations and printers only")
+            if line is None and "product_model" in settings:
+                raise CommandError("a printer's jobs are named by their material's process profile: set "
+                                   "product_revision (the profile version) only")
             for key in revision_keys & set(settings):
                 value = settings[key]
                 if not isinstance(value, str) or not value:
                     raise CommandError(f"{key} must be a non-empty string")
+                try:
+                    check_ident(value, key)
+                except TopicError as exc:
+                    raise CommandError(str(exc)) from None
         rest = {k: v for k, v in settings.items() if k not in revision_keys}
         applied.update(super().set_config(device_key, rest))  # raises before anything is changed
+        if isinstance(printer, SimulatedPrinter) and "product_revision" in settings:
+            with printer.lock:  # jobs started from now on; queued and running jobs keep their version
+                printer.profile_revision = settings["product_revision"]
+            applied["product_revision"] = settings["product_revision"]
         if line is not None and revision_keys & set(settings):
             with self._lock:
                 line.set_revision(settings.get("product_model"), settings.get("product_revision"))
@@ -878,8 +919,11 @@ class SimulatorSource(Source):
                 key = unit.info.key
                 stream = self._streams[key]
 
-                def emit(event: dict[str, Any], stream: DeviceStream = stream) -> None:
+                def emit(event: dict[str, Any], stream: DeviceStream = stream, unit: Unit = unit) -> None:
                     event["ts"] = round(float(event["ts"]), 6)
+                    if isinstance(unit, Station):  # stops and alarms name what the line builds, like its units
+                        event.setdefault("product_model", unit.line.product_model)
+                        event.setdefault("product_revision", unit.line.product_revision)
                     self.events_emitted += 1
                     stream.event(event)
 
@@ -951,7 +995,7 @@ def from_config(section: Any, base_dir: Path) -> SimulatorSource:
             device=item.text("device"), technology=technology, tenant=item.text("tenant", None),
             site=item.text("site", None), area=item.text("area", None), materials=item.strings("materials", ()),
             build_volume_mm=item.vec3("build_volume_mm", None), vendor=item.text("vendor", None),
-            model=item.text("model", None),
+            model=item.text("model", None), profile_revision=item.text("profile_revision", "1"),
         ))
         profile = PROFILES[Technology(technology)]
         for material in printers[-1].materials:
