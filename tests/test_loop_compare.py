@@ -76,12 +76,17 @@ NULL_SEEDS = 120
 
 
 def test_identical_revisions_raise_no_insight_in_at_least_95_percent_of_seeds() -> None:
-    quiet = 0
+    quiet = quiet_rates = 0
     for seed in range(NULL_SEEDS):
         document = run([RevisionProfile("A", units=300), RevisionProfile("B", units=300)], seed=1000 + seed)
         assert document["tests"] >= 20  # the family really was tested, not skipped
+        # ... including the anomaly rate of every channel the twin reports anomalies on
+        rates = [c for c in document["comparisons"] if c["kpi"] == "anomaly_rate"]
+        assert len(rates) >= 4, rates
         quiet += not document["insights"]
+        quiet_rates += not any(c["flagged"] for c in rates)
     assert quiet / NULL_SEEDS >= 0.95, f"{NULL_SEEDS - quiet} of {NULL_SEEDS} seeds raised an insight"
+    assert quiet_rates / NULL_SEEDS >= 0.95, f"{NULL_SEEDS - quiet_rates} of {NULL_SEEDS} seeds flagged an anomaly rate"
 
 
 @pytest.mark.slow
