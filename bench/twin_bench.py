@@ -1,12 +1,15 @@
 """End-to-end throughput and latency of the twin service against a real Mosquitto, with its baselines
 measured in the same run.
 
-Throughput: the stream is preloaded into the broker. Every consumer (the twin, a bare paho
-subscriber, a bare aiomqtt subscriber) first creates a persistent MQTT 5 session with its
+Throughput: the stream is preloaded into the broker. Every consumer (the twin with its default
+``cycle_thread: auto`` and with each thread mode forced, a bare paho subscriber, a bare aiomqtt
+subscriber) first creates a persistent MQTT 5 session with its
 subscription and disconnects; then the stream is published once (QoS 1) and the broker queues it
 for every session. Each consumer then reconnects alone and is timed from CONNACK until it has
 consumed the whole stream (the twin: until the core has accepted every sample). So each consumer
-runs at its own maximum rate without the publisher competing for the two cores.
+runs at its own maximum rate without the publisher competing for the two cores. Five rounds, each
+consumer once per round on that round's stream, the order rotated from round to round; medians and
+per-round ratios (the twin's rate over paho's of the same round).
 
 1. ``batched``: 200 devices × batches of 20 channels × 50 time steps (1000 samples per message, the
    edge agent's default ``batch.max_samples``).
@@ -218,8 +221,8 @@ def register_devices(settings: MqttSettings, tenant: str, worker: str, snapshot_
 
 
 def run_twin_drain(settings: MqttSettings, tenant: str, worker: str, snapshot_dir: Path,
-                   samples: int) -> tuple[float, TwinService]:
-    service = TwinService(twin_config(settings, tenant, worker, snapshot_dir))
+                   samples: int, cycle_thread: str = "auto") -> tuple[float, TwinService]:
+    service = TwinService(twin_config(settings, tenant, worker, snapshot_dir, cycle_thread=cycle_thread))
     service.start()
     started = time.perf_counter()
     deadline = started + 600
@@ -227,21 +230,29 @@ def run_twin_drain(settings: MqttSettings, tenant: str, worker: str, snapshot_di
     while counters.samples_accepted < samples:
         if time.perf_counter() > deadline:
             raise RuntimeError(f"twin accepted {counters.samples_accepted} of {samples}")
-        time.sleep(0.005)
+        time.sleep(0.002)
     elapsed = time.perf_counter() - started
     service.stop()
     return elapsed, service
+
+
+# The twin as configured by default (auto), and each thread mode forced, on the same stream.
+TWIN_MODES = ("auto", "network", "ingest")
 
 
 def throughput(settings: MqttSettings, name: str, devices: int, messages_per_device: int, channels: list[str],
                steps: int, with_aiomqtt: bool, rounds: int = 3) -> dict[str, Any]:
     tenant = f"bench{name}{os.getpid()}"
     telemetry_filter = topics.device_filter(Kind.TELEMETRY, tenant)
-    worker = f"twin-{tenant}"
-    snapshot_dir = Path(tempfile.mkdtemp(prefix=f"twin-bench-{name}-"))
     refs = births(tenant, devices, channels)
-    # sessions first, so the broker queues the stream for each consumer
-    register_devices(settings, tenant, worker, snapshot_dir, refs)
+    # sessions first, so the broker queues the stream for each consumer: one twin session (and
+    # snapshot of the registered devices) per thread mode
+    twins = {}
+    for mode in TWIN_MODES:
+        worker = f"twin-{mode}-{tenant}"
+        snapshot_dir = Path(tempfile.mkdtemp(prefix=f"twin-bench-{name}-{mode}-"))
+        register_devices(settings, tenant, worker, snapshot_dir, refs)
+        twins[mode] = (worker, snapshot_dir)
     paho_counter = PahoCounter(settings, f"paho-{tenant}", telemetry_filter)
     paho_counter.create_session()
     aio = AiomqttCounter(settings, f"aio-{tenant}", telemetry_filter) if with_aiomqtt else None
@@ -249,11 +260,11 @@ def throughput(settings: MqttSettings, name: str, devices: int, messages_per_dev
         aio.create_session()
     n_messages = devices * messages_per_device
     samples = n_messages * steps * len(channels)
-    twin_runs: list[float] = []
-    paho_runs: list[float] = []
-    aio_runs: list[float] = []
-    # Rounds, each consumer in turn, medians at the end: the machine is shared, and a neighbour's
-    # burst during one drain would otherwise decide the ratio.
+    runs: dict[str, list[float]] = {"paho": [], "aiomqtt": [], **{f"twin_{m}": [] for m in TWIN_MODES}}
+    consumers = ["paho", *(["aiomqtt"] if aio is not None else []), *(f"twin_{m}" for m in TWIN_MODES)]
+    # Rounds, every consumer once per round on the same stream, the order rotated from round to round,
+    # medians at the end: the machine is shared, and a neighbour's burst during one drain would
+    # otherwise decide the ratio.
     for round_index in range(rounds):
         first = round_index * messages_per_device
         payloads = [batched_payload(seq, channels, steps) for seq in range(first, first + messages_per_device)]
@@ -262,17 +273,23 @@ def throughput(settings: MqttSettings, name: str, devices: int, messages_per_dev
             f"{sum(len(p) for _, p in stream) / 1e6:.1f} MB)")
         publish_all(settings, stream)
         del stream
-        paho_runs.append(paho_counter.drain(n_messages))
-        if aio is not None:
-            aio_runs.append(aio.drain(n_messages))
-        twin_s, service = run_twin_drain(settings, tenant, worker, snapshot_dir, samples)
-        twin_runs.append(twin_s)
-        counters = service.ingestor.counters
-        assert counters.batches_duplicate == 0 and not counters.dead_letters, counters
-        log(f"[{name}] round {round_index + 1}: twin {twin_s:.3f}s, paho {paho_runs[-1]:.3f}s"
-            + (f", aiomqtt {aio_runs[-1]:.3f}s" if aio_runs else ""))
-    twin_s, paho_s = statistics.median(twin_runs), statistics.median(paho_runs)
-    result = {
+        shift = round_index % len(consumers)
+        for consumer in consumers[shift:] + consumers[:shift]:
+            if consumer == "paho":
+                runs["paho"].append(paho_counter.drain(n_messages))
+            elif consumer == "aiomqtt" and aio is not None:
+                runs["aiomqtt"].append(aio.drain(n_messages))
+            else:
+                mode = consumer.removeprefix("twin_")
+                worker, snapshot_dir = twins[mode]
+                elapsed, service = run_twin_drain(settings, tenant, worker, snapshot_dir, samples, mode)
+                counters = service.ingestor.counters
+                assert counters.batches_duplicate == 0 and not counters.dead_letters, counters
+                runs[consumer].append(elapsed)
+        log(f"[{name}] round {round_index + 1}: " + ", ".join(f"{c} {runs[c][-1]:.3f}s" for c in consumers))
+    paho_s = statistics.median(runs["paho"])
+    twin_s = statistics.median(runs["twin_auto"])
+    result: dict[str, Any] = {
         "messages": n_messages,
         "samples": samples,
         "samples_per_message": steps * len(channels),
@@ -284,10 +301,15 @@ def throughput(settings: MqttSettings, name: str, devices: int, messages_per_dev
         "twin_msgs_per_s": round(n_messages / twin_s),
         "paho_msgs_per_s": round(n_messages / paho_s),
         "ratio_to_paho": round(paho_s / twin_s, 3),
-        "ratio_to_paho_per_round": [round(p / t, 3) for p, t in zip(paho_runs, twin_runs, strict=True)],
+        "ratio_to_paho_per_round": [round(p / t, 3) for p, t in zip(runs["paho"], runs["twin_auto"], strict=True)],
     }
-    if aio_runs:
-        aio_s = statistics.median(aio_runs)
+    for mode in TWIN_MODES[1:]:
+        mode_s = statistics.median(runs[f"twin_{mode}"])
+        result[f"{mode}_thread_ratio_to_paho"] = round(paho_s / mode_s, 3)
+        result[f"{mode}_thread_ratio_per_round"] = [
+            round(p / t, 3) for p, t in zip(runs["paho"], runs[f"twin_{mode}"], strict=True)]
+    if runs["aiomqtt"]:
+        aio_s = statistics.median(runs["aiomqtt"])
         result["aiomqtt_msgs_per_s"] = round(n_messages / aio_s)
         result["aiomqtt_ratio_to_paho"] = round(paho_s / aio_s, 3)
     log(f"[{name}] {json.dumps(result)}")
@@ -393,9 +415,9 @@ def main() -> int:
     settings = MqttSettings(host=broker.host, port=broker.port)
     try:
         batched = throughput(settings, "batched", devices=200, messages_per_device=max(2, int(15 * scale)),
-                             channels=CHANNELS, steps=STEPS, with_aiomqtt=True)
+                             channels=CHANNELS, steps=STEPS, with_aiomqtt=True, rounds=5)
         small = throughput(settings, "small", devices=1000, messages_per_device=max(2, int(20 * scale)),
-                           channels=["nozzle_temp"], steps=1, with_aiomqtt=True)
+                           channels=["nozzle_temp"], steps=1, with_aiomqtt=True, rounds=5)
         fifth = batched["twin_samples_per_s"] / 5
         runs = [latency(settings, fifth, duration_s=5 * max(scale, 0.5), devices=200, workdir=workdir / f"l{i}")
                 for i in range(3)]

@@ -15,6 +15,7 @@ A YAML (or JSON) file, every key optional::
     max_queue: 2000                      # QoS 1 messages in flight to the twin before it acknowledges
     cycle_max_messages: 5000             # messages per ingest cycle (one core call)
     cycle_interval_s: 0.005              # at most one cycle per interval unless the queue is full
+    cycle_thread: auto                   # where cycles run: auto, network (paho's thread) or ingest
     core: {max_devices: 1024, channels_per_device: 32}
     snapshot: {dir: /var/lib/forgeline/twin, interval_s: 30}
     influx: {url: http://127.0.0.1:8086, token: "", org: forgeline, bucket: forgeline,
@@ -102,6 +103,9 @@ class TwinConfig:
     max_queue: int = 2000  # MQTT 5 Receive Maximum: unacknowledged QoS 1 messages (back-pressure), <= 65535
     cycle_max_messages: int = 5000
     cycle_interval_s: float = 0.005  # minimum spacing of ingest cycles: bounds the per-cycle overhead
+    # auto: in the ingest thread while messages are large (the nogil kernels overlap paho's reads),
+    # in paho's network thread while they are small (Python work only: two threads fight for the GIL)
+    cycle_thread: str = "auto"
     max_devices: int = 1024
     channels_per_device: int = 32
     snapshot_dir: str | None = None
@@ -125,6 +129,8 @@ class TwinConfig:
                 check_tenant(tenant)
         except TopicError as exc:
             raise ConfigError(str(exc)) from None
+        if self.cycle_thread not in ("auto", "network", "ingest"):
+            raise ConfigError(f"cycle_thread must be 'auto', 'network' or 'ingest', got {self.cycle_thread!r}")
         if self.affinity not in ("handoff", "broker"):
             raise ConfigError(f"affinity must be 'handoff' or 'broker', got {self.affinity!r}")
         for name in ("publish_interval_s", "snapshot_interval_s", "cycle_interval_s"):

@@ -2,13 +2,18 @@
 
 Threads:
 
-* paho's network thread receives messages and only queues them (``_on_message``); with manual
-  acknowledgement, a message is acknowledged after the ingest thread has processed it, so the
-  broker's in-flight window (MQTT 5 Receive Maximum) is the back-pressure and a crash loses
-  nothing that was not yet processed (it is redelivered to the persistent session).
-* the ingest thread runs cycles: take what has arrived, :meth:`Ingestor.process`, acknowledge,
-  publish dead letters / anomaly events / twin state (at most one per device and
-  ``publish_interval_s``), hand points to the InfluxDB writer, take snapshots.
+* paho's network thread receives messages and queues them (``_on_message``); with manual
+  acknowledgement, a message is acknowledged after it has been processed, so the broker's
+  in-flight window (MQTT 5 Receive Maximum) is the back-pressure and a crash loses nothing that
+  was not yet processed (it is redelivered to the persistent session).
+* a cycle takes what has arrived, :meth:`Ingestor.process`, acknowledges, publishes dead letters /
+  anomaly events / twin state (at most one per device and ``publish_interval_s``), hands points to
+  the InfluxDB writer. Where cycles run is ``cycle_thread``: in the network thread itself
+  (``network``: no second busy Python thread competing for the GIL, best for small messages), in
+  the ingest thread (``ingest``: the numba kernels release the GIL, so they run while paho reads
+  the next messages; best for large batches), or ``auto`` (default), chosen from the samples per
+  message of the recent cycles. The ingest thread also does the periodic work (fleet summaries,
+  snapshots, expiry) and whatever is left when messages stop.
 * the InfluxDB writer (:mod:`twin.influx`) and the metrics HTTP server have their own threads.
 
 ``TwinService(config).start()`` / ``.stop()`` work in-process (the demo, tests);
@@ -44,6 +49,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# cycle_thread auto: cycles run in the ingest thread while messages carry this many samples on average
+OFFLOAD_ABOVE_SAMPLES = 200
 
 
 @contextmanager
@@ -108,6 +115,10 @@ class TwinService:
             self.cluster = Membership(self)
         self._last_influx = 0.0
         self._ingest_lock = threading.Lock()
+        # Where cycles run while messages stream in (config.cycle_thread): paho's network thread, or
+        # this service's ingest thread when the cycles' work is mostly in the nogil kernels.
+        self._offload = config.cycle_thread == "ingest"
+        self._samples_per_message = 0.0  # moving average over cycles (cycle_thread auto)
 
     # ---- life cycle -----------------------------------------------------------------------------------
 
@@ -230,7 +241,14 @@ class TwinService:
 
     def _on_message(self, _c: paho.Client, _u: Any, message: paho.MQTTMessage) -> None:
         message.timestamp = time.monotonic()  # paho leaves it 0 for incoming messages: the lag metric
-        self._inbox.append(message)
+        inbox = self._inbox
+        inbox.append(message)
+        if self._offload:
+            # the ingest thread sleeps until the next cycle is due; wake it only when it may be waiting
+            # for the first message or the queue is full (an Event per message would cost the GIL twice)
+            if len(inbox) == 1 or len(inbox) >= self.config.cycle_max_messages:
+                self._wake.set()
+            return
         # Run the cycle right here in the network thread when it is due and nothing else holds the
         # state: two busy Python threads would hand the GIL back and forth on every socket read
         # (measured: the subscriber then receives at less than half its rate). The ingest thread
@@ -259,6 +277,8 @@ class TwinService:
         if snapshot and self.snapshots is not None:
             with self._ingest_lock:
                 self.snapshots.save(self)
+        if self._client is not None and self.connected:
+            self._round_trip(self._client)
         if self.cluster is not None and self._client is not None:
             self.cluster.leave(self._client)
         if self._client is not None:
@@ -269,6 +289,21 @@ class TwinService:
             self.writer.stop()
         if self.metrics is not None:
             self.metrics.stop()
+
+    def _round_trip(self, client: paho.Client, timeout: float = 2.0) -> None:
+        """Wait until the broker has read everything sent so far (one UNSUBACK for a filter we never held).
+
+        Acknowledgements queued just before ``disconnect()`` were lost at times and the broker sent
+        those messages again at the next start (measured: up to a few hundred of a stream's last
+        moments when cycles run in the ingest thread; paho closes its socket as soon as it has
+        written DISCONNECT). The broker answers packets in order, so the UNSUBACK proves it has
+        processed every PUBACK queued before.
+        """
+        answered = threading.Event()
+        client.on_unsubscribe = lambda *_args: answered.set()
+        result, _mid = client.unsubscribe(f"{topics.PREFIX}/_sys/twin/flush/{self.worker_id}")
+        if result == paho.MQTT_ERR_SUCCESS and not answered.wait(timeout):
+            log.warning("twin %s: no UNSUBACK within %.0f s before disconnecting", self.worker_id, timeout)
 
     def __enter__(self) -> TwinService:
         return self.start()
@@ -281,15 +316,17 @@ class TwinService:
     def _run(self) -> None:
         spacing = self.config.cycle_interval_s
         while True:
-            # While messages keep coming, the network thread runs the cycles itself; this thread
-            # steps in only for what is left when they stop (two intervals after the last cycle),
-            # and for the periodic work. Two threads taking turns would fight over the GIL.
-            timeout = max(0.0, self._last_cycle_start + 2 * spacing - time.monotonic()) if self._inbox else 0.05
+            # Offloaded, this thread runs a cycle every interval while messages keep coming. Otherwise
+            # the network thread runs them itself, and this thread steps in only for what is left when
+            # messages stop (two intervals after the last cycle). Both: the periodic work.
+            due_after = spacing if self._offload else 2 * spacing
+            timeout = max(0.0, self._last_cycle_start + due_after - time.monotonic()) if self._inbox else 0.05
             self._wake.wait(timeout)
             self._wake.clear()
             try:
                 with self._ingest_lock:
-                    if self._inbox and (time.monotonic() - self._last_cycle_start >= 2 * spacing
+                    due_after = spacing if self._offload else 2 * spacing
+                    if self._inbox and (time.monotonic() - self._last_cycle_start >= due_after
                                         or self._stopping.is_set()
                                         or len(self._inbox) >= self.config.cycle_max_messages):
                         self._last_cycle_start = time.monotonic()
@@ -328,6 +365,8 @@ class TwinService:
             else:
                 work.append((topic, bytes(message.payload)))
         result = self.ingestor.process(work, now) if work else CycleResult()
+        if self.config.cycle_thread == "auto" and work:
+            self._choose_thread(result.samples / len(work))
         with _one_wake(client):
             # Acknowledge only now: a crash before this point leaves the messages with the broker.
             if client is not None:
@@ -342,6 +381,20 @@ class TwinService:
             for message in api:
                 self._answer(message)
         return True
+
+    def _choose_thread(self, samples_per_message: float) -> None:
+        # Measured on this project's 2-core machine (docs/twin.md "Figures"): with 1000-sample messages
+        # the ingest thread doubles the twin's rate (its kernels run while paho reads), with
+        # single-sample messages it halves it (the cycle is Python, and every socket read of paho's
+        # then waits for the GIL). A moving average and a hysteresis band keep a mixed stream from
+        # flipping at every cycle.
+        average = self._samples_per_message = 0.8 * self._samples_per_message + 0.2 * samples_per_message
+        if average >= OFFLOAD_ABOVE_SAMPLES:
+            if not self._offload:
+                self._offload = True
+                self._wake.set()  # the ingest thread may be in its idle wait: it runs the cycles now
+        elif average < OFFLOAD_ABOVE_SAMPLES / 2:
+            self._offload = False
 
     def _publish(self, topic: str, document: Any, *, retain: bool = False, qos: int = 1) -> None:
         client = self._client
@@ -469,6 +522,11 @@ class TwinService:
         """Publish the twin state of every device with news now, ignoring the rate limit."""
         with self._ingest_lock:
             self._publish_twins(time.time(), force=True)
+
+    @property
+    def offloaded(self) -> bool:
+        """Whether cycles run in the ingest thread now (``cycle_thread`` ingest, or auto with large messages)."""
+        return self._offload
 
     @property
     def queue_depth(self) -> int:
