@@ -97,9 +97,31 @@ def test_print_jobs_tagged_with_a_process_profile_version_count_as_units_of_it()
     outcomes = [store.ingest(printer.event_topic, payload) for payload in [
         job("job_finished", "J1"), job("job_aborted", "J2"), job("job_finished", "J3", good=False, defect="warp"),
         job("job_started", "J4")]]
-    assert outcomes == ["unit", "unit", "unit", "ignored"]
+    assert outcomes == ["unit", "unit", "unit", "status"]  # a job start is a change point of the timeline
     revision = store.model("factory1", "PA12-standard").revisions["v7"]
     assert (revision.units, revision.good, dict(revision.defects)) == (3, 1, {"aborted": 1, "warp": 1})
+
+
+def test_printer_anomalies_during_a_job_count_for_its_profile_version() -> None:
+    printer = DeviceRef("factory1", "site", "cell", "fdm-2")
+    store = LoopStore()
+
+    def started(ts: float, revision: str) -> bytes:
+        return json.dumps({"type": "job_started", "ts": ts, "job_id": f"J{ts:g}", "material": "PLA",
+                           "product_model": "PLA-standard", "product_revision": revision}).encode()
+
+    def anomaly(ts: float) -> bytes:
+        return json.dumps({"device": printer.key, "ts": ts, "phase": "start", "score": 0.9,
+                           "channels": ["nozzle_temp"], "event_id": f"e{ts:g}"}).encode()
+
+    assert store.ingest(printer.event_topic, started(100.0, "1")) == "status"
+    assert store.ingest(printer.event_topic, started(500.0, "2")) == "status"
+    assert store.ingest(printer.anomaly_topic, anomaly(300.0)) == "anomaly"
+    assert store.ingest(printer.anomaly_topic, anomaly(600.0)) == "anomaly"
+    assert store.ingest(printer.event_topic, b'{"type": "job_started", "ts": 700, "job_id": "J9"}') == "ignored"
+    revisions = store.model("factory1", "PLA-standard").revisions
+    assert {name: dict(data.anomalies) for name, data in revisions.items()} == {
+        "1": {"nozzle_temp": 1}, "2": {"nozzle_temp": 1}}
 
 
 def test_feedback_is_linked_to_the_serial_production_record() -> None:

@@ -10,7 +10,7 @@ per tenant and product model, what the revision comparison needs:
   ``cycle_time`` in seconds), kept in bounded, order-independent samples (see :class:`Sample`).
 - **anomaly starts** (anomaly events of the twin), attributed to the revision the device was producing
   at the event's time (the event's own ``product_model``/``product_revision`` when present, else the
-  device's production timeline learnt from unit reports and birth messages).
+  device's production timeline learnt from unit reports, birth messages and tagged job starts).
 - **feedback** on ``feedback/{model}/{revision}`` topics, checked against the serial's production record:
   feedback naming another model or revision than the one the serial was built as is rejected.
 
@@ -337,6 +337,8 @@ class LoopStore:
     # --- decoded documents ---
 
     def ingest_event(self, device: DeviceRef, event: dict[str, Any]) -> str:
+        if event["type"] == "job_started":
+            return self._job_started(device, event)
         if event["type"] in _JOB_END and event.get("product_model") and event.get("product_revision"):
             # A print job tagged with its process profile (model) and profile version (revision) is a
             # "unit" of that profile: a finished job is good unless it says otherwise, an aborted one failed.
@@ -397,6 +399,17 @@ class LoopStore:
         model.version += 1
         self.counters.units += 1
         return "unit"
+
+    def _job_started(self, device: DeviceRef, event: dict[str, Any]) -> str:
+        """A job tagged with its process profile version says what the printer produces from now on, as a
+        line station's birth does: anomalies during the job are attributed to that version."""
+        model_name, revision_name = event.get("product_model"), event.get("product_revision")
+        if not model_name or not revision_name:
+            return self._ignored()
+        self._check_name(model_name, "product_model")
+        self._check_name(revision_name, "product_revision")
+        self._timeline(device).record(float(event["ts"]), model_name, revision_name)
+        return "status"
 
     def ingest_status(self, device: DeviceRef, status: dict[str, Any]) -> str:
         model_name, revision_name = status.get("product_model"), status.get("product_revision")
