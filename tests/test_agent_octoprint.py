@@ -123,9 +123,10 @@ def octoprint() -> Iterator[FakeOctoPrint]:
     fake.close()
 
 
-def make_source(url: str, key: str = API_KEY, poll_s: float = 0.05) -> OctoPrintSource:
+def make_source(url: str, key: str = API_KEY, poll_s: float = 0.05, **extra: Any) -> OctoPrintSource:
     section = Section({"tenant": "acme", "site": "s", "area": "a", "device": "mk4", "url": url, "api_key": key,
-                       "poll_s": poll_s, "materials": ["PLA"], "build_volume_mm": [250, 210, 220]}, "sources[0]")
+                       "poll_s": poll_s, "materials": ["PLA"], "build_volume_mm": [250, 210, 220], **extra},
+                      "sources[0]")
     source = from_config(section, Path("."))
     section.done()
     return source
@@ -251,3 +252,32 @@ def test_config_errors_name_the_key() -> None:
                             "sources[0]"), Path("."))
     with pytest.raises(ConfigError, match=r"sources\[0\].device: required"):
         from_config(Section({"tenant": "a", "site": "s", "area": "x", "url": "http://x"}, "sources[0]"), Path("."))
+
+
+def test_job_events_carry_the_material_and_the_configured_process_profile_version() -> None:
+    """Issue 7: print jobs carry material and process profile version, so the loop compares versions."""
+    from forgeline.contract import schemas
+    from forgeline.contract.topics import DeviceRef
+    from forgeline.loop.intake import LoopStore
+
+    source = make_source("http://127.0.0.1:9", product_model="PLA-fine", product_revision="3")
+    assert (source.info.product_model, source.info.product_revision) == ("PLA-fine", "3")  # in the birth too
+    tracker = source.tracker
+    events = tracker.observe(DeviceState.PRINTING, "a.gcode", 0.1, None, 1.0)
+    events += tracker.observe(DeviceState.IDLE, "a.gcode", 1.0, "complete", 2.0)
+    events += tracker.observe(DeviceState.PRINTING, "b.gcode", 0.1, None, 3.0)
+    events += tracker.observe(DeviceState.IDLE, "b.gcode", 0.5, "cancelled", 4.0)
+    assert [e["type"] for e in events] == ["job_started", "job_finished", "job_started", "job_aborted"]
+    assert all((e["material"], e["product_model"], e["product_revision"]) == ("PLA", "PLA-fine", "3")
+               for e in events)
+    store = LoopStore()
+    topic = DeviceRef("acme", "s", "a", "mk4").event_topic
+    assert [store.ingest(topic, schemas.dumps(e)) for e in events] == ["status", "unit", "status", "unit"]
+    revision = store.model("acme", "PLA-fine").revisions["3"]
+    assert (revision.units, revision.good) == (2, 1)
+    plain = make_source("http://127.0.0.1:9").tracker.observe(DeviceState.PRINTING, "c.gcode", 0.1, None, 5.0)
+    assert plain[0]["material"] == "PLA" and "product_model" not in plain[0]
+    with pytest.raises(ConfigError, match="together"):
+        make_source("http://127.0.0.1:9", product_revision="3")
+    with pytest.raises(ConfigError, match="invalid product_model"):
+        make_source("http://127.0.0.1:9", product_model="PLA fine", product_revision="3")

@@ -52,7 +52,7 @@ from typing import Any
 
 from edge_agent.device import DeviceInfo
 from edge_agent.sources._http import HttpError, request_json
-from edge_agent.sources._printer import JobTracker, printer_info, read_secret
+from edge_agent.sources._printer import JobTracker, job_tags, printer_info, read_secret
 from edge_agent.sources.base import CommandError, DeviceAdapter, Sink
 from forgeline.contract.vocabulary import DeviceState
 
@@ -114,7 +114,7 @@ class MoonrakerSource(DeviceAdapter):
         self.chamber_sensor = chamber_sensor
         self.timeout_s = timeout_s
         self.objects = (*OBJECTS, chamber_sensor) if chamber_sensor else OBJECTS
-        self.tracker = JobTracker(info.ref.device)
+        self.tracker = JobTracker(info.ref.device, job_tags(info))
         self.status_doc: dict[str, Any] | None = None
         self._ws: Any = None
         self._ids = itertools.count(1)

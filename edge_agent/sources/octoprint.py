@@ -48,7 +48,7 @@ from typing import Any
 
 from edge_agent.device import DeviceInfo
 from edge_agent.sources._http import HttpError, request_json
-from edge_agent.sources._printer import JobTracker, printer_info, read_secret
+from edge_agent.sources._printer import JobTracker, job_tags, printer_info, read_secret
 from edge_agent.sources.base import CommandError, DeviceAdapter, Sink
 from forgeline.contract.vocabulary import DeviceState
 
@@ -87,7 +87,7 @@ class OctoPrintSource(DeviceAdapter):
         self.url = url.rstrip("/")
         self.api_key = api_key
         self.timeout_s = timeout_s
-        self.tracker = JobTracker(info.ref.device)
+        self.tracker = JobTracker(info.ref.device, job_tags(info))
         self.polls = 0
         self._lock = threading.Lock()
 
