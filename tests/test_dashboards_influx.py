@@ -251,11 +251,11 @@ def test_interval_helper() -> None:
 
 # Everything the stack writes; a demo run writes all of it.
 DEMO_MEASUREMENTS = set(MEASUREMENTS)
-# The demo's arguments: at speed 300 the oven line makes about 3 units a second, so revision C (from 8 s)
-# has enough units for the loop's comparisons and the feedback on them; orders every 3 s fill the
-# routing queue; at 20 samples a second the twin is warm before fdm-01's incident at 22 s, so an
-# anomaly event starts.
-DEMO_ARGS = ["--duration", "34", "--speed", "300", "--rate", "20", "--revision-at", "8", "--order-every", "3",
+# The demo's arguments: at speed 300 the oven line ships about 3 ovens a second once its four stations
+# are filled, so both revisions (B until 14 s: about 40 units, C after: about 75) pass the loop's
+# 30-unit minimum and it compares them, with feedback on both; orders every 3 s fill the routing queue;
+# at 20 samples a second the twin is warm before fdm-01's incident at 22 s, so an anomaly event starts.
+DEMO_ARGS = ["--duration", "34", "--speed", "300", "--rate", "20", "--revision-at", "14", "--order-every", "3",
              "--incident-at", "22", "--influx-interval", "1"]
 
 
