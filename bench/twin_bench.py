@@ -230,7 +230,7 @@ def run_twin_drain(settings: MqttSettings, tenant: str, worker: str, snapshot_di
     while counters.samples_accepted < samples:
         if time.perf_counter() > deadline:
             raise RuntimeError(f"twin accepted {counters.samples_accepted} of {samples}")
-        time.sleep(0.002)
+        time.sleep(0.005)
     elapsed = time.perf_counter() - started
     service.stop()
     return elapsed, service

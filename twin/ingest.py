@@ -21,6 +21,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import logging
+import math
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -130,6 +131,7 @@ class Ingestor:
         self.runtime: dict[int, DeviceRuntime] = {}
         self.counters = Counters()
         self._topic_cache: dict[str, tuple[str, DeviceRef | None, str | None]] = {}
+        self._message_limit = min(config.max_message_bytes, telemetry.MAX_PAYLOAD)
         self._unknown: dict[str, deque[tuple[float, str, bytes]]] = {}
         self._tenants = frozenset(config.tenants) if config.tenants else None
         capacity = self.core.capacity
@@ -243,7 +245,7 @@ class Ingestor:
                    batches: list[_Pending], columns: Columns) -> None:
         self.counters.telemetry_messages += 1
         size = len(payload)
-        limit = min(self.config.max_message_bytes, telemetry.MAX_PAYLOAD)
+        limit = self._message_limit
         if size > limit:
             raise telemetry.TelemetryError(f"oversized: {size} bytes exceeds the {limit}-byte limit")
         device = self.registry.devices.get(ref.key)
@@ -448,8 +450,8 @@ class Ingestor:
 
     def reported(self, index: int) -> dict[str, float | None]:
         names = self.core.channels(index)
-        row = self.last_value[index]
-        return {name: (None if not np.isfinite(row[i]) else float(row[i])) for i, name in enumerate(names)}
+        row = self.last_value[index].tolist()
+        return {name: (row[i] if math.isfinite(row[i]) else None) for i, name in enumerate(names)}
 
     def take_interval_means(self) -> tuple[np.ndarray, np.ndarray]:
         """Mean per (device, slot) since the last call (NaN where no sample) and the counts; resets."""

@@ -72,10 +72,12 @@ def _one_wake(client: paho.Client | None) -> Iterator[None]:
     finally:
         if client._sockpairW is None:  # a reconnect may have made a new pair meanwhile
             client._sockpairW = wake
-        try:
-            wake.send(b"0")
-        except (BlockingIOError, OSError):
-            pass
+        # In the network thread itself no wake-up is needed: its next select() sees what is queued.
+        if threading.current_thread() is not getattr(client, "_thread", None):
+            try:
+                wake.send(b"0")
+            except (BlockingIOError, OSError):
+                pass
 
 
 class TwinService:

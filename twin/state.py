@@ -27,6 +27,7 @@ from twin.ingest import Ingestor
 KPI_KEYS = ("utilization", "availability", "effectiveness", "quality", "oee", "chamber_fill", "packing_density",
             "fill_realised", "anomaly_score")
 ANOMALOUS_SCORE = 0.8
+_NO_SAMPLE = int(np.iinfo(np.int64).min)  # ingest's last_t before a device's first sample
 
 
 def _finite(value: Any) -> float | None:
@@ -69,7 +70,8 @@ class TwinState:
         core = self.ingestor.core
         rows: dict[int, dict[str, float | None]] = {}
         if len(indices) > 32:
-            table = core.kpis_all()
+            # plain lists: indexing a numpy array element by element costs more than the KPIs
+            table = {k: v.tolist() for k, v in core.kpis_all().items()}
             for index in indices:
                 rows[index] = {k: _finite(v[index]) for k, v in table.items()}
         else:
@@ -82,7 +84,7 @@ class TwinState:
         runtime = self.ingestor.runtime_of(device)
         sequences = runtime.sequences
         last_t = self.ingestor.last_t[index]
-        newest = int(last_t.max()) if last_t.shape[0] else np.iinfo(np.int64).min
+        newest = int(last_t.max()) if last_t.shape[0] else _NO_SAMPLE
         document: dict[str, Any] = {
             "device": {"tenant": device.ref.tenant, "site": device.ref.site, "area": device.ref.area,
                        "device": device.ref.device},
@@ -102,7 +104,7 @@ class TwinState:
             "gaps": sequences.gaps,
             "missing": sequences.missing,
             "duplicates": sequences.duplicates,
-            "last_sample_ts": newest / 1e6 if newest > np.iinfo(np.int64).min else None,
+            "last_sample_ts": newest / 1e6 if newest > _NO_SAMPLE else None,
             "worker": self.worker_id,
         }
         if document["kpis"]["oee"] is not None:

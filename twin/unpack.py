@@ -109,6 +109,7 @@ class Columns:
         self._device: list[int] = []
         self._slot_key: list[int] = []
         self._slot_tables: dict[int, tuple[int, np.ndarray]] = {}
+        self._joined: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
         self.samples = 0
 
     def __len__(self) -> int:
@@ -118,6 +119,7 @@ class Columns:
             slots: np.ndarray) -> int:
         """Add one payload (``slots`` maps its channel table to core slots, -1 = reject); returns its index."""
         start = self._size
+        self._joined = None
         self._parts.append(payload)
         pad = -len(payload) % 8
         if pad:
@@ -135,6 +137,12 @@ class Columns:
         return len(self._count) - 1
 
     def _views(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        # check() and unpack() of one cycle share one joined buffer (a cycle of large batches is MBs)
+        if self._joined is None:
+            self._joined = self._join()
+        return self._joined
+
+    def _join(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         buffer = b"".join(self._parts) if self._parts else _PAD
         f8 = np.frombuffer(buffer, dtype="<f8")
         u4 = np.frombuffer(buffer, dtype="<u4")
