@@ -142,9 +142,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds after start when the oven line switches from revision B to C, whose door "
                              "seal leaks more, so the iteration loop has two revisions to compare (0: never)")
     parser.add_argument("--incident-at", type=float, default=90.0,
-                        help="seconds after start when fdm-01's nozzle temperature shifts for 15 s (a labelled "
-                             "incident the twin flags once the device is warm, besides the random ones; default 90; "
-                             "0: none)")
+                        help="seconds after start when the oven line's cavity temperature rise shifts for 10 s, "
+                             "followed by fdm-01's nozzle temperature for 15 s (labelled incidents the twin flags "
+                             "once the devices are warm, besides the random ones; default 90; 0: none)")
     parser.add_argument("--order-every", type=float, default=6.0,
                         help="seconds between customer orders sent to order routing (0: no orders)")
     parser.add_argument("--no-view", action="store_true", help="no live view; print a summary at the end")
@@ -232,10 +232,15 @@ class Demo:
         # Revision C of the oven has a weaker door seal: the change engineering should hear about.
         line = dataclasses.replace(fleet.lines[0], effects={"C": RevisionEffects(door_leakage_scale=1.8)})
         fleet = dataclasses.replace(fleet, lines=(line, *fleet.lines[1:]))
-        if args.incident_at > 0:  # one incident at a known time, so a short run shows an anomaly event too
-            incident = EpisodeSpec("fdm-01", "nozzle_temp", "level_shift", start_s=args.incident_at, duration_s=15.0,
-                                   magnitude=40.0)
-            fleet = dataclasses.replace(fleet, anomalies=dataclasses.replace(fleet.anomalies, episodes=(incident,)))
+        if args.incident_at > 0:  # incidents at a known time, so a short run shows anomaly events too
+            # The oven line's cavity heats 8 sigma more for 10 s, then fdm-01's nozzle runs 40 sigma hot for 15 s.
+            incidents = [EpisodeSpec("fdm-01", "nozzle_temp", "level_shift", start_s=args.incident_at + 10.0,
+                                     duration_s=15.0, magnitude=40.0)]
+            if "power" in line.stations:
+                incidents.append(EpisodeSpec("power", "cavity_temp_rise", "level_shift", start_s=args.incident_at,
+                                             duration_s=10.0, magnitude=8.0))
+            fleet = dataclasses.replace(fleet, anomalies=dataclasses.replace(fleet.anomalies,
+                                                                             episodes=tuple(incidents)))
         self.line_station = DeviceRef(line.tenant or fleet.tenant, line.site or fleet.site, line.area, line.stations[0])
         self.feedback = DemoFeedback(self._account("_routing"), dataclasses.replace(
             self.line_station, device=line.stations[-1]), {r: e.door_leakage_scale for r, e in line.effects.items()},
@@ -250,10 +255,10 @@ class Demo:
             for tenant in sorted({p.tenant or fleet.tenant for p in fleet.printers}
                                  | {ln.tenant or fleet.tenant for ln in fleet.lines}):
                 printers = tuple(p for p in fleet.printers if (p.tenant or fleet.tenant) == tenant)
-                names = {p.device for p in printers}
+                lines = tuple(ln for ln in fleet.lines if (ln.tenant or fleet.tenant) == tenant)
+                names = {p.device for p in printers} | {station for ln in lines for station in ln.stations}
                 own = dataclasses.replace(
-                    fleet, printers=printers,
-                    lines=tuple(ln for ln in fleet.lines if (ln.tenant or fleet.tenant) == tenant),
+                    fleet, printers=printers, lines=lines,
                     anomalies=dataclasses.replace(fleet.anomalies, episodes=tuple(
                         e for e in fleet.anomalies.episodes if e.device in names)),
                 )
