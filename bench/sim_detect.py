@@ -4,8 +4,8 @@ The demo fleet of the edge agent's simulator (``edge_agent.sources.simulator.dem
 printers of every technology and the four stations of an oven line) runs with random anomaly
 episodes (drift, spike, stuck, level_shift, noise; 4–8 σ, 20–120 s) that the simulator writes to a
 labels file. Its telemetry goes through ``twin.core.FleetCore`` with the twin's default settings (or
-another ``--detector``) in
-one-minute batches (as the twin ingests), and the anomaly events are scored against the labels:
+another ``--detector``) in one-minute batches (as the twin ingests), and the anomaly events are
+scored against the labels:
 
 * **recall**: share of episodes that an event covers — an event of the episode's device open at
   some time in ``[start, end + grace]`` (the EWMA chart lags a little, and an event already open
