@@ -8,6 +8,10 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_core_reference import SMALL as REF_SMALL
+from test_core_reference import _feed as ref_feed
+from test_core_reference import _fleets as ref_fleets
+from test_core_reference import samples as ref_samples
 
 from twin.core import CoreConfig, FleetCore
 from twin.core.detectors import MultivariateDetector, StreamingDetector
@@ -158,3 +162,39 @@ def test_memory_only_when_mewma() -> None:
     # pca's state plus slots² lag co-moments and four values per slot, float64
     assert mewma.state_bytes() - pca.state_bytes() == 10 * (20 * 20 + 4 * 20) * 8
     assert plain.state_bytes() < pca.state_bytes()
+
+
+value = st.floats(-50, 50) | st.sampled_from([0.0, 1.0, math.nan])
+rows = st.lists(st.tuples(value, value, value), min_size=6, max_size=30)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(rows0=rows, rows1=rows, junk=ref_samples, cut=st.integers(0, 80))
+def test_fleet_matches_reference_fleet(
+    rows0: list[tuple[float, float, float]],
+    rows1: list[tuple[float, float, float]],
+    junk: list[tuple[int, int, int, float]],
+    cut: int,
+) -> None:
+    """Two devices of the reference suite (state, counters, three analog channels), rows of the analog
+    channels with NaN among them, mixed with the suite's junk (unknown slots, NaN/inf, state codes,
+    late and out-of-order samples), fed in two batches; a warm-up short enough to fit and score."""
+    config = CoreConfig(**{**REF_SMALL.__dict__, "detector": "mewma", "mv_warmup_samples": 4})
+    core, ref = ref_fleets(config)
+    analog = [1, 2, 7]  # nozzle_temp, bed_temp, x_vib
+    batch = [(d, analog[c], 2 * i, row[c]) for d, table in ((0, rows0), (1, rows1)) for i, row in enumerate(table)
+             for c in range(3)]  # fmt: skip
+    batch = sorted(batch + junk, key=lambda s: (s[2], s[0], s[1]))
+    for part in (batch[:cut], batch[cut:]):
+        ref_feed(core, ref, part)
+        for d in range(2):
+            model = ref.devices[d].pca
+            assert core.mv_dev[d, MV_N] == (model.n if model is not None else 0)
+            assert float(core.devf[d, 4]) == pytest.approx(ref.device_score(d), rel=1e-6, abs=1e-9)
+        events = [(e.device, e.phase, e.t_us) for e in core.drain_events()]
+        assert events == [(d, p, t) for d, p, t, _ in ref.events]
+        ref.events.clear()
+    for d, table in ((0, rows0), (1, rows1)):
+        # every row after the first complete one is a tick: six complete rows are past the warm-up
+        if sum(not any(math.isnan(v) for v in row) for row in table) >= 6:
+            assert core.mv_dev[d, MV_N] >= 6
