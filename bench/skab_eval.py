@@ -17,9 +17,9 @@ The anomaly-free file (``anomaly-free/anomaly-free.csv``, 9405 rows ≈ 2.6 h at
 the 34) is streamed too: every event opened on it is false (``anomaly_free``: events, and the
 share of its rows with an event open).
 
-``--sweep`` (on by default when ``mewma`` is evaluated) re-runs ``mewma`` with one setting changed at
-a time (λ, the differencing threshold r², the control limits' p value, the drift half-life,
-hysteresis ticks) to show whether its figures are a knife-edge; ``--no-sweep`` skips it.
+The sweep (when ``mewma`` is evaluated) re-runs ``mewma`` with one setting changed at a time (λ,
+the differencing threshold r², the control limits' p value, the drift half-life, hysteresis ticks
+and its closing threshold) to show whether its figures are a knife-edge; ``--no-sweep`` skips it.
 
 Run: ``python bench/skab_eval.py [--data DIR] [--detector NAME] [--no-sweep]``. Progress goes to stderr; the
 last stdout line is one JSON object. Without the data directory it says so and exits 0 with
@@ -101,6 +101,7 @@ SWEEP: tuple[tuple[str, float], ...] = (
     ("mv_halflife_samples", 1e12),
     ("event_min_samples", 1),
     ("event_min_samples", 10),
+    ("event_off", 0.7),
 )
 
 
