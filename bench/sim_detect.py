@@ -3,8 +3,9 @@
 The demo fleet of the edge agent's simulator (``edge_agent.sources.simulator.demo_fleet``: seven
 printers of every technology and the four stations of an oven line) runs with random anomaly
 episodes (drift, spike, stuck, level_shift, noise; 4–8 σ, 20–120 s) that the simulator writes to a
-labels file. Its telemetry goes through ``twin.core.FleetCore`` with the twin's default settings in
-one-minute batches (as the twin ingests), and the anomaly events are scored against the labels:
+labels file. Its telemetry goes through ``twin.core.FleetCore`` with the twin's default settings (or
+another ``--detector``) in one-minute batches (as the twin ingests), and the anomaly events are
+scored against the labels:
 
 * **recall**: share of episodes that an event covers — an event of the episode's device open at
   some time in ``[start, end + grace]`` (the EWMA chart lags a little, and an event already open
@@ -20,7 +21,8 @@ Episodes that start in the warm-up (``--warmup-s``, default 15 min: the detector
 episodes (the sensor repeats one value) are reported, but the detectors score distances from a
 baseline, not repeats, so they are found only when the stuck value is far from it.
 
-Run: ``python bench/sim_detect.py [--seeds 0 1] [--hours 1.5] [--rate 4]``. Progress goes to stderr;
+Run: ``python bench/sim_detect.py [--seeds 0 1] [--hours 1.5] [--rate 4] [--detector NAME]`` (default:
+the twin's default detector). Progress goes to stderr;
 the last stdout line is one JSON object.
 """
 
@@ -43,7 +45,8 @@ sys.path.insert(0, str(REPO))
 
 from edge_agent.device import DeviceInfo  # noqa: E402
 from edge_agent.sources.simulator import SimulatorSource, demo_fleet  # noqa: E402
-from twin.core import FleetCore  # noqa: E402
+from twin.core import CoreConfig, FleetCore  # noqa: E402
+from twin.core.config import DETECTORS  # noqa: E402
 
 START_S = 1_700_000_000.0
 GRACE_S = 30.0
@@ -104,7 +107,9 @@ class _Sink:
         return n
 
 
-def run_seed(seed: int, hours: float, rate_per_hour: float, speed: float) -> tuple[list[dict[str, Any]], list[Any]]:
+def run_seed(
+    seed: int, hours: float, rate_per_hour: float, speed: float, detector: str = CoreConfig().detector
+) -> tuple[list[dict[str, Any]], list[Any]]:
     """Simulate; return the labelled episodes (from the labels file) and the core's events."""
     with tempfile.TemporaryDirectory() as tmp:
         labels_path = Path(tmp) / "labels.jsonl"
@@ -112,7 +117,7 @@ def run_seed(seed: int, hours: float, rate_per_hour: float, speed: float) -> tup
             demo_fleet(str(labels_path), anomaly_rate_per_hour=rate_per_hour),
             seed=seed, speed=speed, rate_hz=1.0, tick_s=1.0, start_s=START_S,
         )  # fmt: skip
-        core = FleetCore(max_devices=16)
+        core = FleetCore(max_devices=16, config=CoreConfig(detector=detector))
         sink = _Sink(core)
         source.attach(sink)
         events = []
@@ -182,6 +187,7 @@ def main() -> int:
     parser.add_argument("--rate", type=float, default=4.0, help="random episodes per device and hour")
     parser.add_argument("--speed", type=float, default=60.0, help="process time / sample time")
     parser.add_argument("--warmup-s", type=float, default=900.0)
+    parser.add_argument("--detector", choices=DETECTORS, default=CoreConfig().detector)
     args = parser.parse_args()
     began = time.time()
     kinds: dict[str, Counter[str]] = defaultdict(Counter)
@@ -190,7 +196,7 @@ def main() -> int:
     channel_hits = 0
     incidents_total = 0
     for seed in args.seeds:
-        labels, incidents = run_seed(seed, args.hours, args.rate, args.speed)
+        labels, incidents = run_seed(seed, args.hours, args.rate, args.speed, args.detector)
         result = score(labels, incidents, START_S + args.warmup_s)
         for kind, counts in result["per_kind"].items():
             kinds[kind].update(counts)
@@ -219,6 +225,7 @@ def main() -> int:
     detected = len(fragments)
     figures = {
         "benchmark": "sim_detect",
+        "detector": args.detector,
         "seeds": args.seeds,
         "hours_per_seed": args.hours,
         "warmup_s": args.warmup_s,

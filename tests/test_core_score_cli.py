@@ -60,3 +60,14 @@ def test_score_shows_progress_on_large_files(tmp_path: Path, monkeypatch: pytest
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "scored 3000 rows (100 %)" in result.stderr
+
+
+def test_score_with_the_mewma_detector(tmp_path: Path) -> None:
+    """``--detector mewma``: 400 warm-up rows (mv_warmup_samples) score 0, then a burst is found."""
+    source, target = tmp_path / "in.csv", tmp_path / "out.csv"
+    _write(source, ";", 600, spike=500)
+    assert main(["score", str(source), "-o", str(target), "--exclude", "label", "--detector", "mewma", "--quiet"]) == 0
+    with target.open() as handle:
+        scores = np.array([float(r[1]) for r in list(csv.reader(handle))[1:]])
+    assert len(scores) == 600 and scores[:400].max() == 0.0
+    assert scores[500:505].min() > 0.8 > scores[410:495].max()

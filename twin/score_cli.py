@@ -2,7 +2,8 @@
 
 Input: a header row, a timestamp column, one or more numeric columns, comma- or semicolon-separated.
 Output: ``timestamp,anomaly_score`` with one row per input row (the timestamp copied verbatim),
-scores in [0, 1]; the first ``warmup_samples`` rows score 0 while the baselines learn.
+scores in [0, 1]; the first ``warmup_samples`` rows (``mv_warmup_samples`` = 400 for the multivariate
+``pca`` and ``mewma``) score 0 while the baselines learn.
 
 Example::
 

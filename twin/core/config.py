@@ -31,7 +31,8 @@ NJIT_OPTIONS: Final[dict[str, Any]] = {
 }
 
 _MAX_BUCKET_S: Final = 7 * 86400
-DETECTORS: Final[tuple[str, ...]] = ("zscore", "cusum", "ewma", "ensemble", "pca")
+DETECTORS: Final[tuple[str, ...]] = ("zscore", "cusum", "ewma", "ensemble", "pca", "mewma")
+MULTIVARIATE_DETECTORS: Final[tuple[str, ...]] = ("pca", "mewma")
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,7 @@ class CoreConfig:
 
     Anomaly detection:
         detector: ``zscore``, ``cusum``, ``ewma``, ``ensemble`` (max of zscore and ewma, the default)
-            or ``pca`` (multivariate, see below).
+            or the multivariate ``pca`` and ``mewma`` (see below).
         halflife_samples: memory of the baselines (exponentially weighted mean and variance).
         warmup_samples: samples per channel and regime before a score is given (score 0 until then).
         z_scale: the z-score that maps to a score of 0.5 (score = z² / (z² + z_scale²)).
@@ -102,6 +103,14 @@ class CoreConfig:
             persist, single spikes do not.
         mv_halflife_samples: after the warm-up the means follow slow drifts with this half-life,
             only while the smoothed statistic is below ``mv_learn_gate`` (share of the limit).
+
+    Multivariate detector ``mewma`` (a MEWMA chart of per-channel AR(1) residuals; shares
+    ``mv_warmup_samples``, ``mv_p_value``, ``mv_halflife_samples`` and ``mv_learn_gate``):
+        mewma_lambda: EWMA weight of the residual vector (0.2: the textbook MEWMA weight for
+            shifts of about one residual σ; ~9 ticks of memory).
+        mewma_integrated_r2: a channel whose previous value explains at least this share of its
+            warm-up variance (lag-1 autocorrelation φ with φ² >= this) is judged by its changes
+            (φ = 1, differenced): its level is a slow drift the warm-up cannot know.
     """
 
     windows: tuple[WindowSpec, ...] = (WindowSpec(900, 60), WindowSpec(3600, 300), WindowSpec(86400, 3600))
@@ -132,6 +141,8 @@ class CoreConfig:
     mv_smoothing: float = 0.1
     mv_halflife_samples: float = 2000.0
     mv_learn_gate: float = 0.5
+    mewma_lambda: float = 0.2
+    mewma_integrated_r2: float = 0.5
 
     def __post_init__(self) -> None:
         if self.detector not in DETECTORS:
@@ -170,11 +181,13 @@ class CoreConfig:
             raise ValueError("mv_explained_variance must be in (0, 1] and mv_p_value in (0.5, 1)")
         if not 0 < self.mv_smoothing <= 1 or self.mv_halflife_samples <= 1 or self.mv_learn_gate < 0:
             raise ValueError("mv_smoothing must be in (0, 1], mv_halflife_samples above 1, mv_learn_gate >= 0")
+        if not 0 < self.mewma_lambda <= 1 or not 0 < self.mewma_integrated_r2 <= 1:
+            raise ValueError("mewma_lambda and mewma_integrated_r2 must be in (0, 1]")
 
     @property
     def multivariate(self) -> bool:
         """Whether the device score comes from the multivariate detector (which needs its own state)."""
-        return self.detector == "pca"
+        return self.detector in MULTIVARIATE_DETECTORS
 
     @property
     def mv_alpha(self) -> float:

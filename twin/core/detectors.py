@@ -11,8 +11,9 @@ Detectors: ``zscore`` (distance of a sample from the exponentially weighted base
 persistent shifts) and ``ensemble`` (the larger of zscore and ewma; the twin's default). They are
 the very kernels the fleet runs (:func:`twin.core.kernels.channel_step`), on a single channel.
 
-``pca`` is multivariate (Hotelling's T² + Q on a PCA fitted per device in its warm-up of
-``mv_warmup_samples`` rows, see :func:`twin.core.kernels.pca_tick`): :class:`MultivariateDetector`
+``pca`` (Hotelling's T² + Q on a PCA fitted per device in its warm-up of ``mv_warmup_samples``
+rows, see :func:`twin.core.kernels.pca_tick`) and ``mewma`` (a MEWMA chart of per-channel AR(1)
+residuals, see :func:`twin.core.kernels.mewma_tick`) are multivariate: :class:`MultivariateDetector`
 takes one row of all channels at a time; ``StreamingDetector("pca")`` is its one-channel case.
 
 Example:
@@ -27,15 +28,16 @@ from __future__ import annotations
 
 import numpy as np
 
-from twin.core.config import DETECTORS, CoreConfig
+from twin.core.config import DETECTORS, MULTIVARIATE_DETECTORS, CoreConfig
 from twin.core.fleet import _params, channel_score
-from twin.core.kernels import channel_step, pca_tick
-from twin.core.layout import CH_CUSUM_REGIME, CH_FIELDS, CH_Q, MV_FIELDS, P_Z_SCALE2, ROLE_ANALOG
+from twin.core.kernels import channel_step, mewma_tick, pca_tick
+from twin.core.layout import CH_CUSUM_REGIME, CH_FIELDS, CH_Q, MA_FIELDS, MV_FIELDS, P_Z_SCALE2, ROLE_ANALOG
 
 
 class MultivariateDetector:
-    """The ``pca`` detector over rows of ``n_channels`` values, with the ``learn_one``/``score_one``
-    contract (score 0 during the warm-up of ``config.mv_warmup_samples`` rows).
+    """The ``pca`` (or ``mewma``) detector over rows of ``n_channels`` values, with the
+    ``learn_one``/``score_one`` contract (score 0 during the warm-up of ``config.mv_warmup_samples``
+    rows). ``name`` (default: ``config.detector`` when it is multivariate, else ``pca``).
 
     Example:
         >>> import numpy as np
@@ -48,11 +50,15 @@ class MultivariateDetector:
         (True, True)
     """
 
-    def __init__(self, n_channels: int, config: CoreConfig | None = None):
+    def __init__(self, n_channels: int, config: CoreConfig | None = None, name: str | None = None):
         if n_channels < 1:
             raise ValueError("at least one channel")
         base = config or CoreConfig()
-        self.config = CoreConfig(**{**base.__dict__, "detector": "pca"})
+        chosen = name or (base.detector if base.multivariate else "pca")
+        if chosen not in MULTIVARIATE_DETECTORS:
+            choices = ", ".join(MULTIVARIATE_DETECTORS)
+            raise ValueError(f"{chosen!r} is not a multivariate detector; choose from {choices}")
+        self.config = CoreConfig(**{**base.__dict__, "detector": chosen})
         self._params = _params(self.config)
         self._role = np.full(n_channels, ROLE_ANALOG, dtype=np.int8)
         self._state = (
@@ -62,6 +68,11 @@ class MultivariateDetector:
             np.zeros((n_channels, n_channels)),  # co-moments, then principal axes
             np.zeros(n_channels),  # eigenvalues
             np.zeros(MV_FIELDS),
+        )
+        mewma = chosen == "mewma"
+        self._extra = (
+            np.zeros((n_channels, MA_FIELDS)) if mewma else None,  # shift, previous row, φ, EWMA
+            np.zeros((n_channels, n_channels)) if mewma else None,  # lag-1 co-moments
         )
 
     def _row(self, x: object) -> np.ndarray:
@@ -75,13 +86,19 @@ class MultivariateDetector:
     def score_one(self, x: object) -> float:
         """The score the row ``x`` would get now; the detector's state is left untouched."""
         row = self._row(x)
-        last, *rest = (a.copy() for a in self._state)
-        last[:] = row
-        return float(pca_tick(self._role, last, *rest, self._params))
+        state = [a.copy() for a in self._state]
+        state[0][:] = row
+        return self._tick(state, [None if a is None else a.copy() for a in self._extra])
 
     def learn_one(self, x: object) -> None:
         self._state[0][:] = self._row(x)
-        pca_tick(self._role, *self._state, self._params)
+        self._tick(list(self._state), list(self._extra))
+
+    def _tick(self, state: list[np.ndarray], extra: list[np.ndarray | None]) -> float:
+        aux, lag = extra
+        if aux is not None and lag is not None:
+            return float(mewma_tick(self._role, *state, aux, lag, self._params))
+        return float(pca_tick(self._role, *state, self._params))
 
 
 class StreamingDetector:
@@ -96,7 +113,7 @@ class StreamingDetector:
         self._row = np.zeros(CH_FIELDS, dtype=np.float64)
         self._row[CH_CUSUM_REGIME] = -1.0
         self.regime = regime
-        self._multivariate = MultivariateDetector(1, self.config) if self.config.multivariate else None
+        self._multivariate = MultivariateDetector(1, self.config, name) if self.config.multivariate else None
 
     def score_one(self, x: float) -> float:
         """The score ``x`` would get now; the detector's state is left untouched."""

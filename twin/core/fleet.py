@@ -71,6 +71,7 @@ from twin.core.layout import (
     LV_FIELDS,
     LV_OFFSET,
     LV_ORIGIN_MS,
+    MA_FIELDS,
     MV_FIELDS,
     MV_N,
     NULL_MEAN_Q,
@@ -90,6 +91,8 @@ from twin.core.layout import (
     P_HISTORICAL,
     P_HOLD_MS,
     P_LEARN_GATE,
+    P_MEWMA_LAMBDA,
+    P_MEWMA_R2,
     P_MV_ALPHA,
     P_MV_EXPLAINED,
     P_MV_GATE,
@@ -204,6 +207,8 @@ def _params(config: CoreConfig) -> np.ndarray:
     params[P_MV_ALPHA] = config.mv_alpha
     params[P_MV_GATE] = config.mv_learn_gate
     params[P_MV_SCORE_BASE] = 1.0 - config.event_on
+    params[P_MEWMA_LAMBDA] = config.mewma_lambda
+    params[P_MEWMA_R2] = config.mewma_integrated_r2
     # the hot loop keeps each channel's statistic q and compares it with these thresholds; the
     # score q / (q + z_scale²) is only computed when someone reads it
     z_scale2 = config.z_scale**2
@@ -322,10 +327,14 @@ class FleetCore:
         self.mv_cov = np.zeros((capacity, width, width))
         self.mv_eig = np.zeros((capacity, width))
         self.mv_dev = np.zeros((capacity, MV_FIELDS if width else 0))
+        # mewma also keeps lag-1 co-moments (slots²) and four values per slot
+        extra = n_channels if self.config.detector == "mewma" else 0
+        self.mv_aux = np.zeros((capacity, extra, MA_FIELDS if extra else 0))
+        self.mv_lag = np.zeros((capacity, extra, extra))
 
     _ARRAYS = (
         "role", "chan", "devf", "devi", "st_t", "st_code", "bid", "bval",
-        "mv_last", "mv_mean", "mv_scale", "mv_cov", "mv_eig", "mv_dev",
+        "mv_last", "mv_mean", "mv_scale", "mv_cov", "mv_eig", "mv_dev", "mv_aux", "mv_lag",
     )  # fmt: skip
 
     def _grow(self, capacity: int) -> None:
@@ -463,7 +472,7 @@ class FleetCore:
             device, channel, t_us, values, len(self.devices), self.role, self.chan, self.devf, self.devi,
             self.st_t, self.st_code, self.bid, self.bval, self._levels, self._params, self._stats,
             ev_device, ev_phase, ev_t, ev_score, ev_mask, tick_scores,
-            self.mv_last, self.mv_mean, self.mv_scale, self.mv_cov, self.mv_eig, self.mv_dev,
+            self.mv_last, self.mv_mean, self.mv_scale, self.mv_cov, self.mv_eig, self.mv_dev, self.mv_aux, self.mv_lag,
         )  # fmt: skip
         for k in range(n_events):
             d = int(ev_device[k])
@@ -737,8 +746,8 @@ class FleetCore:
             core._stats[:] = data["stats"]
             for name in cls._ARRAYS:
                 if name in data.files or not name.startswith("mv_"):
-                    # snapshots from before the multivariate detector carry no mv_* arrays: their
-                    # detector was not "pca", so the fresh zero-width arrays are exact
+                    # snapshots from before a multivariate detector carry no mv_* arrays (or no
+                    # mv_aux / mv_lag): their detector did not use them, so the fresh arrays are exact
                     stored = data[name]
                     target = getattr(core, name)
                     if name == "devf" and stored.shape[1] < target.shape[1]:

@@ -31,7 +31,8 @@ from twin.core.layout import (
     CH_Q,
     DET_CUSUM,
     DET_EWMA,
-    DET_PCA,
+    DET_MEWMA,
+    DET_MULTIVARIATE,
     DET_ZSCORE,
     DF_BASE_N,
     DF_COUNTER,
@@ -61,6 +62,10 @@ from twin.core.layout import (
     LV_COUNT,
     LV_OFFSET,
     LV_ORIGIN_MS,
+    MA_EWMA,
+    MA_PHI,
+    MA_PREV,
+    MA_SHIFT,
     MV_K,
     MV_N,
     MV_SMOOTH,
@@ -82,6 +87,8 @@ from twin.core.layout import (
     P_HISTORICAL,
     P_HOLD_MS,
     P_LEARN_GATE,
+    P_MEWMA_LAMBDA,
+    P_MEWMA_R2,
     P_MV_ALPHA,
     P_MV_EXPLAINED,
     P_MV_GATE,
@@ -545,6 +552,203 @@ def pca_tick(
     return 1.0 - base**smooth
 
 
+@njit(**NJIT_OPTIONS)
+def mewma_fit(
+    n: float,
+    mean: np.ndarray,
+    scale: np.ndarray,
+    cov: np.ndarray,
+    eig: np.ndarray,
+    dev: np.ndarray,
+    aux: np.ndarray,
+    lag: np.ndarray,
+    active: np.ndarray,
+    params: np.ndarray,
+) -> None:
+    """End of the MEWMA warm-up: sums of the shifted rows -> means, AR(1) coefficients, residual
+    scales, the residual correlation's axes and the chart's limit.
+
+    With y = x − shift (y of the first row is 0), m = Σy / n and x̃ = y − m: G = Σ x̃ x̃ᵀ over all
+    rows, A = G − x̃₁x̃₁ᵀ and C = G − x̃ₙx̃ₙᵀ (rows 2..n and 1..n−1), B = Σ x̃_t x̃_{t−1}ᵀ. φ_i =
+    B_ii / C_ii (least squares) clipped to [0, 1], and 1 when φ_i² >= ``P_MEWMA_R2``. The residual
+    e_t = x̃_t − φ∘x̃_{t−1} has Σ_e = (A − BΦ − ΦBᵀ + ΦCΦ) / (n − 1); its correlation's eigenvalues
+    above 1e−6 of the largest are kept (k directions); limit = χ²_k quantile × λ/(2−λ) (the
+    steady-state covariance of the EWMA vector).
+    """
+    p = mean.shape[0]
+    m = np.zeros(p)
+    last = np.zeros(p)
+    for i in range(p):
+        if active[i]:
+            m[i] = mean[i] / n
+            last[i] = aux[i, MA_PREV] - aux[i, MA_SHIFT] - m[i]  # x̃ of the last row
+    # the sums are turned into the centred moments in place: cov -> G, lag -> B
+    for i in range(p):
+        for j in range(p):
+            if active[i] and active[j]:
+                cov[i, j] -= n * m[i] * m[j]
+                lag[i, j] += -mean[i] * m[j] - m[i] * (mean[j] - (last[j] + m[j])) + (n - 1.0) * m[i] * m[j]
+    varies = np.zeros(p, dtype=np.bool_)
+    for i in range(p):
+        scale[i] = 0.0
+        aux[i, MA_PHI] = 0.0
+        aux[i, MA_EWMA] = 0.0
+        if not active[i]:
+            mean[i] = 0.0
+            continue
+        centre = aux[i, MA_SHIFT] + m[i]
+        var = cov[i, i] / (n - 1.0)
+        mean[i] = centre
+        if not (var > 1e-300 and var * 1e24 > centre * centre):
+            continue  # constant in the warm-up: no part in the chart
+        varies[i] = True
+        before = cov[i, i] - last[i] * last[i]
+        phi = lag[i, i] / before if before > 0.0 else 0.0
+        phi = min(max(phi, 0.0), 1.0)
+        if phi * phi >= params[P_MEWMA_R2]:
+            phi = 1.0
+        aux[i, MA_PHI] = phi
+    # residual covariance (only the channels with a variance), then its scales
+    sigma = np.zeros((p, p))
+    for i in range(p):
+        phi_i = aux[i, MA_PHI]
+        for j in range(p):
+            phi_j = aux[j, MA_PHI]
+            if active[i] and active[j]:
+                a = cov[i, j] - m[i] * m[j]  # rows 2..n (x̃₁ = −m)
+                c = cov[i, j] - last[i] * last[j]  # rows 1..n−1
+                sigma[i, j] = (a - lag[i, j] * phi_j - phi_i * lag[j, i] + phi_i * phi_j * c) / (n - 1.0)
+    for i in range(p):
+        # a channel whose residual has (next to) no variance, e.g. a perfect ramp, takes no part either
+        if varies[i] and sigma[i, i] > 1e-12 * cov[i, i] / (n - 1.0):
+            scale[i] = np.sqrt(sigma[i, i])
+    corr = np.zeros((p, p))
+    for i in range(p):
+        if scale[i] > 0.0:
+            for j in range(p):
+                if scale[j] > 0.0:
+                    corr[i, j] = sigma[i, j] / (scale[i] * scale[j])
+            corr[i, i] = 1.0
+    values, vectors = np.linalg.eigh(corr)
+    for i in range(p):
+        eig[i] = max(values[p - 1 - i], 0.0)
+        for j in range(p):
+            cov[j, i] = vectors[j, p - 1 - i]
+    k = 0
+    while k < p and eig[k] > 1e-6 * eig[0]:
+        k += 1
+    lam = params[P_MEWMA_LAMBDA]
+    dev[MV_K] = k
+    dev[MV_UCL_T2] = chi2_quantile(float(k), params[P_MV_Z]) * lam / (2.0 - lam) if k > 0 else 0.0
+    dev[MV_UCL_Q] = 0.0
+    dev[MV_SMOOTH] = 0.0
+
+
+@njit(**NJIT_OPTIONS)
+def mewma_tick(
+    role: np.ndarray,
+    last: np.ndarray,
+    mean: np.ndarray,
+    scale: np.ndarray,
+    cov: np.ndarray,
+    eig: np.ndarray,
+    dev: np.ndarray,
+    aux: np.ndarray,
+    lag: np.ndarray,
+    params: np.ndarray,
+) -> float:
+    """One device tick of the ``mewma`` detector on the held values ``last``; returns the score.
+
+    A MEWMA chart (Lowry et al. 1992) of per-channel AR(1) residuals (the residual chart for
+    autocorrelated data): warm-up (the first ``P_MV_WARMUP`` complete ticks) accumulates the sums
+    of the shifted rows, their products and their lag-1 products; then :func:`mewma_fit`. After it:
+    e_i = (x_i − mean_i) − φ_i (x_prev,i − mean_i), Z = λe + (1−λ)Z, T² = Σ_j<k (axis_j·(Z/s))² /
+    eig_j, r = T² / limit, score = 1 − base**r (base = 1 − event_on: r = 1 scores event_on). The
+    means follow slow drifts while r is below the learning gate. O(slots × k) per tick after the
+    warm-up (O(slots²) during it), no look-ahead.
+    """
+    p = last.shape[0]
+    for i in range(p):
+        if (role[i] == ROLE_ANALOG or role[i] == ROLE_UNIT) and np.isnan(last[i]):
+            return 0.0  # not every channel has spoken yet: no complete vector
+    n = dev[MV_N]
+    if n < params[P_MV_WARMUP]:
+        for i in range(p):
+            if role[i] == ROLE_ANALOG or role[i] == ROLE_UNIT:
+                if n == 0.0:
+                    aux[i, MA_SHIFT] = last[i]
+                    aux[i, MA_PREV] = last[i]
+                eig[i] = last[i] - aux[i, MA_SHIFT]  # y of this row (eig is scratch until the fit)
+                mean[i] += eig[i]
+        for i in range(p):
+            if role[i] == ROLE_ANALOG or role[i] == ROLE_UNIT:
+                for j in range(p):
+                    if role[j] == ROLE_ANALOG or role[j] == ROLE_UNIT:
+                        cov[i, j] += eig[i] * eig[j]
+                        lag[i, j] += eig[i] * (aux[j, MA_PREV] - aux[j, MA_SHIFT])
+        for i in range(p):
+            if role[i] == ROLE_ANALOG or role[i] == ROLE_UNIT:
+                aux[i, MA_PREV] = last[i]
+        n += 1.0
+        dev[MV_N] = n
+        if n >= params[P_MV_WARMUP]:
+            active = np.zeros(p, dtype=np.bool_)
+            for i in range(p):
+                active[i] = role[i] == ROLE_ANALOG or role[i] == ROLE_UNIT
+            mewma_fit(n, mean, scale, cov, eig, dev, aux, lag, active, params)
+        return 0.0
+    dev[MV_N] = n + 1.0
+    lam = params[P_MEWMA_LAMBDA]
+    for i in range(p):
+        if scale[i] > 0.0:
+            residual = (last[i] - mean[i]) - aux[i, MA_PHI] * (aux[i, MA_PREV] - mean[i])
+            aux[i, MA_EWMA] = lam * residual + (1.0 - lam) * aux[i, MA_EWMA]
+        aux[i, MA_PREV] = last[i]
+    k = int(dev[MV_K])
+    t2 = 0.0
+    for j in range(k):
+        projection = 0.0
+        for i in range(p):
+            if scale[i] > 0.0:
+                projection += cov[i, j] * (aux[i, MA_EWMA] / scale[i])
+        t2 += projection * projection / eig[j]
+    ratio = 0.0
+    if dev[MV_UCL_T2] > 0.0:
+        ratio = min(t2 / dev[MV_UCL_T2], Q_CAP)
+    dev[MV_SMOOTH] = ratio
+    if ratio < params[P_MV_GATE]:
+        alpha = params[P_MV_ALPHA]
+        for i in range(p):
+            if scale[i] > 0.0:
+                mean[i] += alpha * (last[i] - mean[i])
+    base = params[P_MV_SCORE_BASE]
+    if base <= 0.0:
+        return 1.0 if ratio > 0.0 else 0.0
+    return 1.0 - base**ratio
+
+
+@njit(**NJIT_OPTIONS)
+def multivariate_tick(
+    d: int,
+    role: np.ndarray,
+    mv_last: np.ndarray,
+    mv_mean: np.ndarray,
+    mv_scale: np.ndarray,
+    mv_cov: np.ndarray,
+    mv_eig: np.ndarray,
+    mv_dev: np.ndarray,
+    mv_aux: np.ndarray,
+    mv_lag: np.ndarray,
+    params: np.ndarray,
+) -> float:
+    """The device score of the configured multivariate detector (``pca`` or ``mewma``) for device d."""
+    if (int(params[P_DETECTOR]) & DET_MEWMA) != 0:
+        return mewma_tick(
+            role[d], mv_last[d], mv_mean[d], mv_scale[d], mv_cov[d], mv_eig[d], mv_dev[d], mv_aux[d], mv_lag[d], params
+        )
+    return pca_tick(role[d], mv_last[d], mv_mean[d], mv_scale[d], mv_cov[d], mv_eig[d], mv_dev[d], params)
+
+
 # ================================================================================================
 # Utilization / OEE helpers
 # ================================================================================================
@@ -771,6 +975,8 @@ def ingest_batch(
     mv_cov: np.ndarray,
     mv_eig: np.ndarray,
     mv_dev: np.ndarray,
+    mv_aux: np.ndarray,
+    mv_lag: np.ndarray,
 ) -> int:
     """Process one batch; return the number of events written to the ``ev_*`` arrays.
 
@@ -778,9 +984,10 @@ def ingest_batch(
     device score is computed once per tick, after all its channels have been scored. When
     ``tick_scores`` has one slot per sample, each tick's device score is written at the index of
     the tick's last sample (offline scoring); pass an empty array otherwise. The ``mv_*`` arrays
-    are the multivariate detector's state (zero-width when the detector is not ``pca``).
+    are the multivariate detector's state (zero-width when the detector is not ``pca`` or
+    ``mewma``; ``mv_aux`` and ``mv_lag`` only for ``mewma``).
     """
-    multivariate = (int(params[P_DETECTOR]) & DET_PCA) != 0
+    multivariate = (int(params[P_DETECTOR]) & DET_MULTIVARIATE) != 0
     record = tick_scores.shape[0] == device.shape[0]
     tick_last = 0
     n_events = 0
@@ -805,10 +1012,9 @@ def ingest_batch(
             if tick_scored:
                 mv_score = np.nan
                 if multivariate:
-                    mv_score = pca_tick(
-                        role[tick_device], mv_last[tick_device], mv_mean[tick_device], mv_scale[tick_device],
-                        mv_cov[tick_device], mv_eig[tick_device], mv_dev[tick_device], params,
-                    )  # fmt: skip
+                    mv_score = multivariate_tick(
+                        tick_device, role, mv_last, mv_mean, mv_scale, mv_cov, mv_eig, mv_dev, mv_aux, mv_lag, params
+                    )
                 n_events = device_tick(
                     tick_device,
                     tick_t,
@@ -921,10 +1127,9 @@ def ingest_batch(
     if tick_device >= 0 and tick_scored:
         mv_score = np.nan
         if multivariate:
-            mv_score = pca_tick(
-                role[tick_device], mv_last[tick_device], mv_mean[tick_device], mv_scale[tick_device],
-                mv_cov[tick_device], mv_eig[tick_device], mv_dev[tick_device], params,
-            )  # fmt: skip
+            mv_score = multivariate_tick(
+                tick_device, role, mv_last, mv_mean, mv_scale, mv_cov, mv_eig, mv_dev, mv_aux, mv_lag, params
+            )
         n_events = device_tick(
             tick_device, tick_t, chan, role, devf, devi, params, ev_device, ev_phase, ev_t, ev_score, ev_mask, n_events,
             mv_score,

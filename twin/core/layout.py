@@ -172,12 +172,17 @@ P_Q_EVENT_OFF: Final = 26  # event_off as a statistic (a channel takes part in a
 # a channel over the learning gate for longer than this (µs, DI_HOT_SINCE) is the new normal: the gate lets go
 P_ADOPT_US: Final = 27
 P_NULL_Q: Final = 28  # mean channel statistic of a calibrated channel without anomalies (NULL_MEAN_Q)
-P_FIELDS: Final = 29
+# the multivariate EWMA (MEWMA) device detector on per-channel AR(1) residuals
+P_MEWMA_LAMBDA: Final = 29  # EWMA weight of the residual vector
+P_MEWMA_R2: Final = 30  # a channel whose previous value explains at least this share of its variance is differenced
+P_FIELDS: Final = 31
 
 DET_ZSCORE: Final = 1
 DET_CUSUM: Final = 2
 DET_EWMA: Final = 4
 DET_PCA: Final = 8  # device score from the multivariate PCA T² + Q detector (channel scores: z-score)
+DET_MEWMA: Final = 16  # device score from the MEWMA chart of AR(1) residuals (channel scores: z-score)
+DET_MULTIVARIATE: Final = DET_PCA | DET_MEWMA
 # a detector name -> the statistics it takes the maximum of
 DETECTOR_CODES: Final = {
     "zscore": DET_ZSCORE,
@@ -185,10 +190,11 @@ DETECTOR_CODES: Final = {
     "ewma": DET_EWMA,
     "ensemble": DET_ZSCORE | DET_EWMA,
     "pca": DET_PCA | DET_ZSCORE,
+    "mewma": DET_MEWMA | DET_ZSCORE,
 }
 # Mean statistic q of one channel on Gaussian noise after its warm-up, per detector (measured: 20k
 # samples, N(0, 1), default settings): the strongest-channel test reads q_max against this.
-NULL_MEAN_Q: Final = {"zscore": 1.0, "cusum": 0.2, "ewma": 1.0, "ensemble": 1.57, "pca": 1.0}
+NULL_MEAN_Q: Final = {"zscore": 1.0, "cusum": 0.2, "ewma": 1.0, "ensemble": 1.57, "pca": 1.0, "mewma": 1.0}
 Q_CAP: Final = 1.0e6  # one broken channel must not swamp the device sum forever
 NO_TIME: Final = -(2**62)
 
@@ -201,6 +207,16 @@ MV_UCL_T2: Final = 2  # control limit of Hotelling's T² in the principal subspa
 MV_UCL_Q: Final = 3  # control limit of Q (SPE) in the residual subspace; 0 = no residual subspace
 MV_SMOOTH: Final = 4  # EWMA of max(T²/limit, Q/limit)
 MV_FIELDS: Final = 5
+# ``mewma`` uses the same arrays (mv_mean: Σ of the shifted rows during the warm-up, the means after;
+# mv_scale: residual scales; mv_cov: Σ y yᵀ of the shifted rows, then the axes of the residual
+# correlation; mv_eig: its eigenvalues; MV_K: directions kept, MV_UCL_T2: the limit of the chart's T²,
+# MV_SMOOTH: T² / limit of the last tick) plus two of its own, zero-width for every other detector:
+# mv_lag [device, slot, slot] (Σ y_t y_{t-1}ᵀ during the warm-up) and mv_aux [device, slot, MA_*]
+MA_SHIFT: Final = 0  # the first complete row: the warm-up sums are of y = x - shift (no cancellation)
+MA_PREV: Final = 1  # the previous complete tick's value
+MA_PHI: Final = 2  # AR(1) coefficient (1 = the channel is differenced)
+MA_EWMA: Final = 3  # the EWMA of the channel's residual
+MA_FIELDS: Final = 4
 
 # ---- stats[S] (int64) ----------------------------------------------------------------------------
 ST_ACCEPTED: Final = 0

@@ -197,6 +197,97 @@ class RefPCA:
         return 1.0 - base**self.smooth
 
 
+@dataclass
+class RefMEWMA:
+    """The ``mewma`` detector the plain way: keep every warm-up row; at its end compute the means,
+    each channel's AR(1) coefficient by least squares, the residuals e_t = x̃_t − φ∘x̃_{t−1} of the
+    warm-up and their second moments directly; then run the MEWMA chart of the residuals (the
+    kernel keeps running sums of shifted rows and lag products instead)."""
+
+    slots: int
+    rows: list[list[float]] = field(default_factory=list)
+    mean: list[float] = field(default_factory=list)
+    phi: list[float] = field(default_factory=list)
+    scale: list[float] = field(default_factory=list)
+    axes: list[list[float]] = field(default_factory=list)
+    eig: list[float] = field(default_factory=list)
+    limit: float = 0.0
+    ewma: list[float] = field(default_factory=list)
+    prev: list[float] = field(default_factory=list)
+    n: int = 0
+
+    def _fit(self, cfg: CoreConfig, active: list[int]) -> None:
+        n = len(self.rows)
+        p = self.slots
+        self.mean = [sum(r[i] for r in self.rows) / n if i in active else 0.0 for i in range(p)]
+        centred = [[r[i] - self.mean[i] for i in range(p)] for r in self.rows]
+        self.phi = [0.0] * p
+        varies = [False] * p
+        for i in active:
+            var = sum(c[i] ** 2 for c in centred) / (n - 1)
+            if not (var > 1e-300 and var * 1e24 > self.mean[i] ** 2):
+                continue
+            varies[i] = True
+            before = sum(centred[t - 1][i] ** 2 for t in range(1, n))
+            phi = sum(centred[t][i] * centred[t - 1][i] for t in range(1, n)) / before if before > 0 else 0.0
+            phi = min(max(phi, 0.0), 1.0)
+            self.phi[i] = 1.0 if phi * phi >= cfg.mewma_integrated_r2 else phi
+        residuals = [[centred[t][i] - self.phi[i] * centred[t - 1][i] for i in range(p)] for t in range(1, n)]
+        sigma = [[sum(e[i] * e[j] for e in residuals) / (n - 1) for j in range(p)] for i in range(p)]
+        self.scale = [0.0] * p
+        for i in active:
+            var = sum(c[i] ** 2 for c in centred) / (n - 1)
+            if varies[i] and sigma[i][i] > 1e-12 * var:
+                self.scale[i] = math.sqrt(sigma[i][i])
+        corr = np.zeros((p, p))
+        for i in range(p):
+            for j in range(p):
+                if self.scale[i] > 0 and self.scale[j] > 0:
+                    corr[i, j] = 1.0 if i == j else sigma[i][j] / (self.scale[i] * self.scale[j])
+        values, vectors = np.linalg.eigh(corr)
+        order = list(range(p - 1, -1, -1))
+        eig = [max(float(values[o]), 0.0) for o in order]
+        k = sum(1 for e in eig if e > 1e-6 * eig[0])
+        self.eig = eig[:k]
+        self.axes = [[float(vectors[i, o]) for i in range(p)] for o in order[:k]]
+        z = NormalDist().inv_cdf(cfg.mv_p_value)
+        lam = cfg.mewma_lambda
+        self.limit = chi2_quantile(k, z) * lam / (2 - lam) if k else 0.0
+        self.ewma = [0.0] * p
+
+    def tick(self, row: list[float], active: list[int], cfg: CoreConfig) -> float:
+        """Score of one complete row (``row[i]`` for every slot; only ``active`` slots are channels)."""
+        if any(math.isnan(row[i]) for i in active):
+            return 0.0
+        if self.n < cfg.mv_warmup_samples:
+            self.rows.append(list(row))
+            self.n += 1
+            self.prev = list(row)
+            if self.n == cfg.mv_warmup_samples:
+                self._fit(cfg, active)
+            return 0.0
+        self.n += 1
+        lam = cfg.mewma_lambda
+        for i in range(self.slots):
+            if self.scale[i] > 0:
+                residual = (row[i] - self.mean[i]) - self.phi[i] * (self.prev[i] - self.mean[i])
+                self.ewma[i] = lam * residual + (1 - lam) * self.ewma[i]
+        self.prev = list(row)
+        t2 = 0.0
+        for axis, e in zip(self.axes, self.eig, strict=True):
+            projection = sum(axis[i] * self.ewma[i] / self.scale[i] for i in range(self.slots) if self.scale[i] > 0)
+            t2 += projection * projection / e
+        ratio = min(t2 / self.limit, Q_CAP) if self.limit > 0 else 0.0
+        if ratio < cfg.mv_learn_gate:
+            for i in range(self.slots):
+                if self.scale[i] > 0:
+                    self.mean[i] += cfg.mv_alpha * (row[i] - self.mean[i])
+        base = 1.0 - cfg.event_on
+        if base <= 0:
+            return 1.0 if ratio > 0 else 0.0
+        return 1.0 - base**ratio
+
+
 def combined(total: float, mean: float, var: float, n: float, cfg: CoreConfig) -> float:
     """Brown's method + Wilson–Hilferty, as in :func:`twin.core.kernels.combined_score`."""
     if n < cfg.warmup_samples:
@@ -231,7 +322,7 @@ class RefDevice:
     counters: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
     increments: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
     last_seen_ms: int = 0
-    pca: RefPCA | None = None
+    pca: RefPCA | RefMEWMA | None = None
     last: dict[int, float] = field(default_factory=dict)  # held value of each detector channel (pca)
 
 
@@ -357,7 +448,7 @@ class ReferenceFleet:
             # slots inactive
             active = [c for c, name in enumerate(self.names[d]) if role_of_channel(name) in DETECTOR_ROLES]
             if dev.pca is None:
-                dev.pca = RefPCA(self.width)
+                dev.pca = RefMEWMA(self.width) if cfg.detector == "mewma" else RefPCA(self.width)
             row = [dev.last.get(c, math.nan) if c in active else 0.0 for c in range(self.width)]
             score = dev.pca.tick(row, active, cfg)
         else:
