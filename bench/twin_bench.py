@@ -2,14 +2,16 @@
 measured in the same run.
 
 Throughput: the stream is preloaded into the broker. Every consumer (the twin with its default
-``cycle_thread: auto`` and with each thread mode forced, a bare paho subscriber, a bare aiomqtt
-subscriber) first creates a persistent MQTT 5 session with its
+``cycle_thread: auto`` and with each thread mode forced, a bare paho subscriber, with ``--aiomqtt``
+a bare aiomqtt subscriber) first creates a persistent MQTT 5 session with its
 subscription and disconnects; then the stream is published once (QoS 1) and the broker queues it
 for every session. Each consumer then reconnects alone and is timed from CONNACK until it has
 consumed the whole stream (the twin: until the core has accepted every sample). So each consumer
 runs at its own maximum rate without the publisher competing for the two cores. Five rounds, each
 consumer once per round on that round's stream, the order rotated from round to round; medians and
-per-round ratios (the twin's rate over paho's of the same round).
+per-round ratios (the twin's rate over paho's of the same round), and each consumer's CPU time per
+message (this process's, so the twin's threads together; it does not depend on what else runs on the
+machine, the wall-clock rates do).
 
 1. ``batched``: 200 devices × batches of 20 channels × 50 time steps (1000 samples per message, the
    edge agent's default ``batch.max_samples``).
@@ -123,6 +125,7 @@ class PahoCounter:
         self.bytes = 0
         self.done = threading.Event()
         self.target = 0
+        self.cpu_s = 0.0  # CPU time of the last drain
 
     def _client(self) -> paho.Client:
         client = make_client(self.settings, self.client_id, clean=False)
@@ -155,9 +158,10 @@ class PahoCounter:
         client.connect(self.settings.host, self.settings.port, 30, clean_start=False, properties=_session_props(3600))
         client.loop_start()
         assert connected.wait(10)
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         assert self.done.wait(timeout), f"paho got {self.count} of {target}"
         elapsed = time.perf_counter() - started
+        self.cpu_s = time.process_time() - cpu_started
         client.disconnect()
         client.loop_stop()
         return elapsed
@@ -221,10 +225,11 @@ def register_devices(settings: MqttSettings, tenant: str, worker: str, snapshot_
 
 
 def run_twin_drain(settings: MqttSettings, tenant: str, worker: str, snapshot_dir: Path,
-                   samples: int, cycle_thread: str = "auto") -> tuple[float, TwinService]:
+                   samples: int, cycle_thread: str = "auto") -> tuple[float, float, TwinService]:
+    """Seconds and CPU seconds from CONNACK until the core has accepted ``samples``, and the service."""
     service = TwinService(twin_config(settings, tenant, worker, snapshot_dir, cycle_thread=cycle_thread))
     service.start()
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     deadline = started + 600
     counters = service.ingestor.counters
     while counters.samples_accepted < samples:
@@ -232,8 +237,9 @@ def run_twin_drain(settings: MqttSettings, tenant: str, worker: str, snapshot_di
             raise RuntimeError(f"twin accepted {counters.samples_accepted} of {samples}")
         time.sleep(0.005)
     elapsed = time.perf_counter() - started
+    cpu_s = time.process_time() - cpu_started
     service.stop()
-    return elapsed, service
+    return elapsed, cpu_s, service
 
 
 # The twin as configured by default (auto), and each thread mode forced, on the same stream.
@@ -262,6 +268,9 @@ def throughput(settings: MqttSettings, name: str, devices: int, messages_per_dev
     samples = n_messages * steps * len(channels)
     runs: dict[str, list[float]] = {"paho": [], "aiomqtt": [], **{f"twin_{m}": [] for m in TWIN_MODES}}
     consumers = ["paho", *(["aiomqtt"] if aio is not None else []), *(f"twin_{m}" for m in TWIN_MODES)]
+    # CPU time of this process from CONNACK to the end of the drain (the consumer's threads; the
+    # broker is another process) per message: what a consumer costs whatever its neighbours do
+    cpu: dict[str, list[float]] = {c: [] for c in consumers if c != "aiomqtt"}
     # Rounds, every consumer once per round on the same stream, the order rotated from round to round,
     # medians at the end: the machine is shared, and a neighbour's burst during one drain would
     # otherwise decide the ratio.
@@ -277,15 +286,17 @@ def throughput(settings: MqttSettings, name: str, devices: int, messages_per_dev
         for consumer in consumers[shift:] + consumers[:shift]:
             if consumer == "paho":
                 runs["paho"].append(paho_counter.drain(n_messages))
+                cpu["paho"].append(paho_counter.cpu_s / n_messages)
             elif consumer == "aiomqtt" and aio is not None:
                 runs["aiomqtt"].append(aio.drain(n_messages))
             else:
                 mode = consumer.removeprefix("twin_")
                 worker, snapshot_dir = twins[mode]
-                elapsed, service = run_twin_drain(settings, tenant, worker, snapshot_dir, samples, mode)
+                elapsed, cpu_s, service = run_twin_drain(settings, tenant, worker, snapshot_dir, samples, mode)
                 counters = service.ingestor.counters
                 assert counters.batches_duplicate == 0 and not counters.dead_letters, counters
                 runs[consumer].append(elapsed)
+                cpu[consumer].append(cpu_s / n_messages)
         log(f"[{name}] round {round_index + 1}: " + ", ".join(f"{c} {runs[c][-1]:.3f}s" for c in consumers))
     paho_s = statistics.median(runs["paho"])
     twin_s = statistics.median(runs["twin_auto"])
@@ -303,11 +314,13 @@ def throughput(settings: MqttSettings, name: str, devices: int, messages_per_dev
         "ratio_to_paho": round(paho_s / twin_s, 3),
         "ratio_to_paho_per_round": [round(p / t, 3) for p, t in zip(runs["paho"], runs["twin_auto"], strict=True)],
     }
+    result["ratio_median_of_rounds"] = statistics.median(result["ratio_to_paho_per_round"])
     for mode in TWIN_MODES[1:]:
         mode_s = statistics.median(runs[f"twin_{mode}"])
         result[f"{mode}_thread_ratio_to_paho"] = round(paho_s / mode_s, 3)
         result[f"{mode}_thread_ratio_per_round"] = [
             round(p / t, 3) for p, t in zip(runs["paho"], runs[f"twin_{mode}"], strict=True)]
+    result["cpu_us_per_msg"] = {c: round(statistics.median(v) * 1e6, 1) for c, v in cpu.items()}
     if runs["aiomqtt"]:
         aio_s = statistics.median(runs["aiomqtt"])
         result["aiomqtt_msgs_per_s"] = round(n_messages / aio_s)
@@ -408,6 +421,7 @@ def latency(settings: MqttSettings, samples_per_s: float, duration_s: float, dev
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller streams (a smoke run)")
+    parser.add_argument("--aiomqtt", action="store_true", help="also drain with a bare aiomqtt subscriber")
     args = parser.parse_args()
     scale = 0.2 if args.quick else 1.0
     workdir = Path(tempfile.mkdtemp(prefix="twin-bench-"))
@@ -415,9 +429,9 @@ def main() -> int:
     settings = MqttSettings(host=broker.host, port=broker.port)
     try:
         batched = throughput(settings, "batched", devices=200, messages_per_device=max(2, int(15 * scale)),
-                             channels=CHANNELS, steps=STEPS, with_aiomqtt=True, rounds=5)
+                             channels=CHANNELS, steps=STEPS, with_aiomqtt=args.aiomqtt, rounds=5)
         small = throughput(settings, "small", devices=1000, messages_per_device=max(2, int(20 * scale)),
-                           channels=["nozzle_temp"], steps=1, with_aiomqtt=True, rounds=5)
+                           channels=["nozzle_temp"], steps=1, with_aiomqtt=args.aiomqtt, rounds=5)
         fifth = batched["twin_samples_per_s"] / 5
         runs = [latency(settings, fifth, duration_s=5 * max(scale, 0.5), devices=200, workdir=workdir / f"l{i}")
                 for i in range(3)]
