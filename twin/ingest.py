@@ -35,7 +35,7 @@ from twin.config import TwinConfig
 from twin.core import BuildError, CoreError, FleetCore
 from twin.registry import Device, Registry
 from twin.sequence import DeviceSequences, Verdict
-from twin.unpack import Columns, accumulate_latest, bucket_means
+from twin.unpack import Columns, Latest, bucket_means
 
 log = logging.getLogger(__name__)
 
@@ -359,7 +359,9 @@ class Ingestor:
         for use, is_historical in ((live, False), (historical, True)):
             if not use.any():
                 continue
-            device, slot, t_us, values = columns.unpack(use)
+            # the latest values and interval sums are accumulated while unpacking (one pass)
+            latest = Latest(self.last_value, self.last_t, self.interval_sum, self.interval_count, not is_historical)
+            device, slot, t_us, values = columns.unpack(use, latest)
             bad = slot < 0
             if bad.any():
                 self.counters.reject_samples("channel", int(bad.sum()))
@@ -372,8 +374,6 @@ class Ingestor:
             self.counters.reject_samples("value", stats.rejected_value)
             self.counters.reject_samples("late", stats.late)
             result.samples += stats.accepted
-            accumulate_latest(device, slot, t_us, values, self.last_value, self.last_t, self.interval_sum,
-                              self.interval_count, not is_historical)
             if is_historical and self.historical_interval_us:
                 result.historical_means.extend(bucket_means(device, slot, t_us, values, self.historical_interval_us,
                                                             self.core.channels_per_device))
