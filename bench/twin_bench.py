@@ -24,7 +24,7 @@ Targets (issue 4): ≥ 1 M samples/s batched, ≥ 0.8 of the bare paho subscribe
 streams, p99 < 50 ms at a fifth of the maximum load. Progress to stderr; the last stdout line is
 one JSON object.
 
-Usage: python bench/twin_bench.py [--quick]
+Usage: python bench/twin_bench.py [--quick] [--aiomqtt]
 """
 
 from __future__ import annotations
