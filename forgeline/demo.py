@@ -390,9 +390,11 @@ def run(args: argparse.Namespace) -> int:
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     demo = Demo(args)
-    started = time.time()
     try:
         demo.start()
+        # The schedule counts from the running stack, as the agents' incidents do: a slow start (a
+        # loaded machine, a cold numba cache) must not eat into revision B's time or the run's.
+        started = time.time()
         deadline = started + args.duration if args.duration > 0 else None
         switch_at = started + args.revision_at if args.revision_at > 0 else None
         next_order, orders = (started + 3.0 if args.order_every > 0 else None), 0
