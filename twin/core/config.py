@@ -29,6 +29,10 @@ NJIT_OPTIONS: Final[dict[str, Any]] = {
     "boundscheck": False,
     "error_model": "numpy",
 }
+# the small helpers of the hot path are inlined into the batch driver at numba IR level: a call to a
+# separate numba function passes every array as a flattened struct (dozens of arguments) and keeps
+# LLVM from seeing the loop as one piece
+NJIT_INLINE: Final[dict[str, Any]] = {**NJIT_OPTIONS, "inline": "always"}
 
 _MAX_BUCKET_S: Final = 7 * 86400
 DETECTORS: Final[tuple[str, ...]] = ("zscore", "cusum", "ewma", "ensemble", "pca", "mewma")

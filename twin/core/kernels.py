@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from twin.core.config import NJIT_OPTIONS
+from twin.core.config import NJIT_INLINE, NJIT_OPTIONS
 from twin.core.layout import (
     BV_BUSY_MS,
     BV_GOOD,
@@ -134,7 +134,7 @@ _PLANNED_BUSY = np.array(PLANNED_BUSY, dtype=np.int64)
 # ================================================================================================
 
 
-@njit(**NJIT_OPTIONS)
+@njit(**NJIT_INLINE)
 def ew_update(mean: float, var: float, n: float, x: float, alpha: float, factor: float) -> tuple[float, float]:
     """One step of the exponentially weighted mean/variance (West 1979), exact mean while warming up.
 
@@ -148,10 +148,90 @@ def ew_update(mean: float, var: float, n: float, x: float, alpha: float, factor:
     return mean + weight * delta, (1.0 - weight) * (var + weight * delta * delta)
 
 
-@njit(**NJIT_OPTIONS)
+@njit(**NJIT_INLINE)
 def score_of_q(q: float, z_scale2: float) -> float:
     """Map a statistic in z² units to [0, 1]: 0.5 at z = z_scale, rising smoothly towards 1."""
     return q / (q + z_scale2)
+
+
+@njit(**NJIT_INLINE)
+def channel_update(
+    chan: np.ndarray,
+    d: int,
+    c: int,
+    regime: int,
+    x: float,
+    gate: bool,
+    detector: int,
+    warmup: float,
+    alpha: float,
+    z_scale2: float,
+    rel_floor: float,
+    lam: float,
+    ewma_factor: float,
+    drift: float,
+    cap: float,
+    cusum_scale: float,
+    q_gate: float,
+    gated_factor: float,
+) -> float:
+    """:func:`channel_step` on ``chan[d, c]`` with the parameters already read (the batch driver
+    reads them once per batch). Indexes the 3-d state directly: a row view per sample would cost a
+    reference-count increment and decrement (atomic) each."""
+    base = 3 * regime
+    mean = chan[d, c, base]
+    var = chan[d, c, base + 1]
+    n = chan[d, c, base + 2]
+    if chan[d, c, CH_CUSUM_REGIME] != regime:
+        # a new regime: the sums and the fast mean belong to the old one
+        chan[d, c, CH_CUSUM_POS] = 0.0
+        chan[d, c, CH_CUSUM_NEG] = 0.0
+        chan[d, c, CH_CUSUM_REGIME] = regime
+        chan[d, c, CH_EWMA] = mean if n > 0 else x
+    q = 0.0
+    warm = n >= warmup
+    learn_x = x
+    if warm:
+        deviation = x - mean
+        floor = rel_floor * mean
+        var_eff = var + floor * floor + 1e-12
+        inv_var = 1.0 / var_eff
+        if detector & DET_ZSCORE:
+            q = deviation * deviation * inv_var
+        if detector & DET_CUSUM:
+            z = deviation / np.sqrt(var_eff)
+            pos = min(max(0.0, chan[d, c, CH_CUSUM_POS] + z - drift), cap)
+            neg = min(max(0.0, chan[d, c, CH_CUSUM_NEG] - z - drift), cap)
+            chan[d, c, CH_CUSUM_POS] = pos
+            chan[d, c, CH_CUSUM_NEG] = neg
+            q = max(q, max(pos, neg) / cusum_scale * z_scale2)
+        if detector & DET_EWMA:
+            # EWMA control chart: the fast mean's distance from the baseline in units of its own
+            # standard error, sensitive to small persistent shifts a single sample cannot show
+            old_fast = chan[d, c, CH_EWMA]
+            fast = old_fast + lam * (x - old_fast)
+            chan[d, c, CH_EWMA] = fast
+            shift = fast - mean
+            q = max(q, shift * shift * inv_var * ewma_factor)
+        q = min(q, Q_CAP)
+        # Huber-style: learn at most LEARN_CLIP sigmas of a deviation, so a level shift is adopted
+        # gradually and one wild sample cannot blow the variance up
+        if deviation * deviation > LEARN_CLIP * LEARN_CLIP * var:  # rare: only then pay for the square root
+            reach = LEARN_CLIP * np.sqrt(var)
+            learn_x = min(max(x, mean - reach), mean + reach)
+    else:
+        old_fast = chan[d, c, CH_EWMA]
+        chan[d, c, CH_EWMA] = old_fast + max(lam, 1.0 / (n + 1.0)) * (x - old_fast)
+    factor = 1.0
+    # score q / (q + z_scale²) > learn_gate, compared as a statistic: no division per sample
+    if gate and warm and q > q_gate:
+        factor = gated_factor  # an incident must not become the new normal while it lasts
+    new_mean, new_var = ew_update(mean, var, n, learn_x, alpha, factor)
+    chan[d, c, base] = new_mean
+    chan[d, c, base + 1] = new_var
+    chan[d, c, base + 2] = n + 1.0
+    chan[d, c, CH_Q] = q
+    return q
 
 
 @njit(**NJIT_OPTIONS)
@@ -160,70 +240,17 @@ def channel_step(row: np.ndarray, regime: int, x: float, params: np.ndarray, gat
     (also stored in ``row[CH_Q]``). ``gate``: a sample over the learning gate learns slowly (False
     once the device's incident has lasted P_ADOPT_US: the change is adopted).
 
-    ``row`` is one channel's 16 float64 fields. Scoring comes first, so a sample never sees itself
-    (no look-ahead). While a regime has fewer than ``warmup`` samples its statistic q is 0.
+    ``row`` is one channel's 16 float64 fields (contiguous). Scoring comes first, so a sample never
+    sees itself (no look-ahead). While a regime has fewer than ``warmup`` samples its statistic q is 0.
     """
-    base = 3 * regime
-    mean = row[base]
-    var = row[base + 1]
-    n = row[base + 2]
-    z_scale2 = params[P_Z_SCALE2]
-    detector = int(params[P_DETECTOR])
-    lam = params[P_EWMA_LAMBDA]
-    if row[CH_CUSUM_REGIME] != regime:
-        # a new regime: the sums and the fast mean belong to the old one
-        row[CH_CUSUM_POS] = 0.0
-        row[CH_CUSUM_NEG] = 0.0
-        row[CH_CUSUM_REGIME] = regime
-        row[CH_EWMA] = mean if n > 0 else x
-    q = 0.0
-    if n >= params[P_WARMUP]:
-        deviation = x - mean
-        floor = params[P_REL_FLOOR] * mean
-        var_eff = var + floor * floor + 1e-12
-        inv_var = 1.0 / var_eff
-        if detector & DET_ZSCORE:
-            q = deviation * deviation * inv_var
-        if detector & DET_CUSUM:
-            z = deviation / np.sqrt(var_eff)
-            drift = params[P_CUSUM_DRIFT]
-            cap = params[P_CUSUM_CAP]
-            pos = min(max(0.0, row[CH_CUSUM_POS] + z - drift), cap)
-            neg = min(max(0.0, row[CH_CUSUM_NEG] - z - drift), cap)
-            row[CH_CUSUM_POS] = pos
-            row[CH_CUSUM_NEG] = neg
-            q = max(q, max(pos, neg) / params[P_CUSUM_SCALE] * z_scale2)
-        if detector & DET_EWMA:
-            # EWMA control chart: the fast mean's distance from the baseline in units of its own
-            # standard error, sensitive to small persistent shifts a single sample cannot show
-            fast = row[CH_EWMA] + lam * (x - row[CH_EWMA])
-            row[CH_EWMA] = fast
-            shift = fast - mean
-            q = max(q, shift * shift * inv_var * params[P_EWMA_FACTOR])
-        q = min(q, Q_CAP)
-    else:
-        row[CH_EWMA] = row[CH_EWMA] + max(lam, 1.0 / (n + 1.0)) * (x - row[CH_EWMA])
-    factor = 1.0
-    # score q / (q + z_scale²) > learn_gate, compared as a statistic: no division per sample
-    if gate and n >= params[P_WARMUP] and q > params[P_Q_GATE]:
-        factor = params[P_GATED_FACTOR]  # an incident must not become the new normal while it lasts
-    learn_x = x
-    if n >= params[P_WARMUP]:
-        # Huber-style: learn at most LEARN_CLIP sigmas of a deviation, so a level shift is adopted
-        # gradually and one wild sample cannot blow the variance up
-        gap = x - mean
-        if gap * gap > LEARN_CLIP * LEARN_CLIP * var:  # rare: only then pay for the square root
-            reach = LEARN_CLIP * np.sqrt(var)
-            learn_x = min(max(x, mean - reach), mean + reach)
-    new_mean, new_var = ew_update(mean, var, n, learn_x, params[P_ALPHA], factor)
-    row[base] = new_mean
-    row[base + 1] = new_var
-    row[base + 2] = n + 1.0
-    row[CH_Q] = q
-    return q
+    return channel_update(
+        row.reshape((1, 1, row.shape[0])), 0, 0, regime, x, gate, int(params[P_DETECTOR]), params[P_WARMUP],
+        params[P_ALPHA], params[P_Z_SCALE2], params[P_REL_FLOOR], params[P_EWMA_LAMBDA], params[P_EWMA_FACTOR],
+        params[P_CUSUM_DRIFT], params[P_CUSUM_CAP], params[P_CUSUM_SCALE], params[P_Q_GATE], params[P_GATED_FACTOR],
+    )  # fmt: skip
 
 
-@njit(**NJIT_OPTIONS)
+@njit(**NJIT_INLINE)
 def combined_score(total: float, mean: float, var: float, n: float, params: np.ndarray) -> float:
     """Device score from the sum of channel statistics, allowing for correlated channels.
 
@@ -287,7 +314,7 @@ def strongest_channel_score(d: int, chan: np.ndarray, role: np.ndarray, mean_sum
     return score_of_q(q, params[P_Z_SCALE2]) if q > 0.0 else 0.0
 
 
-@njit(**NJIT_OPTIONS)
+@njit(**NJIT_INLINE)
 def device_tick(
     d: int,
     t_us: int,
@@ -754,15 +781,53 @@ def multivariate_tick(
 # ================================================================================================
 
 
-@njit(**NJIT_OPTIONS)
+# lvc[level, LC_*] (int64, one per batch): the bucket the batch touched last on each level, so the
+# samples of one bucket (nearly all of a batch) locate it with two compares instead of two divisions
+LC_BUCKET = 0
+LC_START = 1  # first ms of the bucket
+LC_END = 2  # first ms after it
+LC_SLOT = 3  # its slot in the bucket axis
+LC_FIELDS = 4
+
+
+@njit(**NJIT_INLINE)
+def bucket_of(levels: np.ndarray, lvc: np.ndarray, lv: int, t_ms: int) -> int:
+    """The bucket of level ``lv`` holding ``t_ms`` (the floor division, cached in ``lvc``)."""
+    if lvc[lv, LC_START] <= t_ms < lvc[lv, LC_END]:
+        return lvc[lv, LC_BUCKET]
+    size = levels[lv, LV_BUCKET_MS]
+    bucket = (t_ms - levels[lv, LV_ORIGIN_MS]) // size
+    start = levels[lv, LV_ORIGIN_MS] + bucket * size
+    lvc[lv, LC_BUCKET] = bucket
+    lvc[lv, LC_START] = start
+    lvc[lv, LC_END] = start + size
+    lvc[lv, LC_SLOT] = levels[lv, LV_OFFSET] + bucket % levels[lv, LV_COUNT]
+    return bucket
+
+
+@njit(**NJIT_INLINE)
+def slot_of(levels: np.ndarray, lvc: np.ndarray, lv: int, bucket: int) -> int:
+    """The slot of ``bucket`` in level ``lv``'s ring of the bucket axis."""
+    if bucket == lvc[lv, LC_BUCKET]:
+        return lvc[lv, LC_SLOT]
+    return levels[lv, LV_OFFSET] + bucket % levels[lv, LV_COUNT]
+
+
+@njit(**NJIT_INLINE)
+def new_level_cache(levels: np.ndarray) -> np.ndarray:
+    lvc = np.zeros((levels.shape[0], LC_FIELDS), dtype=np.int64)
+    lvc[:, LC_START] = 1  # an empty interval: the first look-up of each level divides
+    return lvc
+
+
+@njit(**NJIT_INLINE)
 def bucket_add(
-    bid: np.ndarray, bval: np.ndarray, d: int, levels: np.ndarray, t_ms: int, field: int, amount: int
+    bid: np.ndarray, bval: np.ndarray, d: int, levels: np.ndarray, lvc: np.ndarray, t_ms: int, field: int, amount: int
 ) -> None:
     """Add ``amount`` to ``field`` of the bucket holding ``t_ms`` on every level."""
     for lv in range(levels.shape[0]):
-        size = levels[lv, LV_BUCKET_MS]
-        bucket = (t_ms - levels[lv, LV_ORIGIN_MS]) // size
-        slot = levels[lv, LV_OFFSET] + bucket % levels[lv, LV_COUNT]
+        bucket = bucket_of(levels, lvc, lv, t_ms)
+        slot = slot_of(levels, lvc, lv, bucket)
         if bid[d, slot] != bucket:
             if bid[d, slot] > bucket:
                 continue  # the ring moved on: that bucket is out of every window already
@@ -772,12 +837,13 @@ def bucket_add(
         bval[d, slot, field] += amount
 
 
-@njit(**NJIT_OPTIONS)
+@njit(**NJIT_INLINE)
 def attribute_interval(
     bid: np.ndarray,
     bval: np.ndarray,
     d: int,
     levels: np.ndarray,
+    lvc: np.ndarray,
     start_ms: int,
     end_ms: int,
     state: int,
@@ -798,15 +864,15 @@ def attribute_interval(
         size = levels[lv, LV_BUCKET_MS]
         origin = levels[lv, LV_ORIGIN_MS]
         count = levels[lv, LV_COUNT]
-        first = (start_ms - origin) // size
-        last = (end_ms - 1 - origin) // size
+        first = bucket_of(levels, lvc, lv, start_ms)
+        last = bucket_of(levels, lvc, lv, end_ms - 1)
         # only the newest `count` buckets of the interval can still be in the ring
         first = max(first, last - count + 1)
         for bucket in range(first, last + 1):
             lo = max(start_ms, origin + bucket * size)
             hi = min(end_ms, origin + (bucket + 1) * size)
             overlap = (hi - lo) * sign
-            slot = levels[lv, LV_OFFSET] + bucket % count
+            slot = slot_of(levels, lvc, lv, bucket)
             if bid[d, slot] != bucket:
                 if bid[d, slot] > bucket:
                     continue
@@ -820,7 +886,7 @@ def attribute_interval(
                 bval[d, slot, BV_PRODUCING_MS] += overlap
 
 
-@njit(**NJIT_OPTIONS)
+@njit(**NJIT_INLINE)
 def state_sample(
     d: int,
     t_ms: int,
@@ -831,6 +897,7 @@ def state_sample(
     bid: np.ndarray,
     bval: np.ndarray,
     levels: np.ndarray,
+    lvc: np.ndarray,
     hold_ms: int,
 ) -> bool:
     """Put a state sample in its place in the device's reorder buffer; False if it is too late.
@@ -849,7 +916,7 @@ def state_sample(
         return True
     last = count - 1
     if t_ms > st_t[d, last]:
-        attribute_interval(bid, bval, d, levels, st_t[d, last], t_ms, st_code[d, last], 1, hold_ms)
+        attribute_interval(bid, bval, d, levels, lvc, st_t[d, last], t_ms, st_code[d, last], 1, hold_ms)
         if count == depth:
             for i in range(depth - 1):
                 st_t[d, i] = st_t[d, i + 1]
@@ -869,20 +936,20 @@ def state_sample(
         old = st_code[d, pos]
         if old != code:
             if pos < last:
-                attribute_interval(bid, bval, d, levels, t_ms, st_t[d, pos + 1], old, -1, hold_ms)
-                attribute_interval(bid, bval, d, levels, t_ms, st_t[d, pos + 1], code, 1, hold_ms)
+                attribute_interval(bid, bval, d, levels, lvc, t_ms, st_t[d, pos + 1], old, -1, hold_ms)
+                attribute_interval(bid, bval, d, levels, lvc, t_ms, st_t[d, pos + 1], code, 1, hold_ms)
             st_code[d, pos] = code
         return True
     if pos == 0:
         if count == depth:
             return False
-        attribute_interval(bid, bval, d, levels, t_ms, st_t[d, 0], code, 1, hold_ms)
+        attribute_interval(bid, bval, d, levels, lvc, t_ms, st_t[d, 0], code, 1, hold_ms)
         devi[d, DI_FIRST_STATE_MS] = min(devi[d, DI_FIRST_STATE_MS], t_ms)
     else:
         before = st_code[d, pos - 1]
-        attribute_interval(bid, bval, d, levels, st_t[d, pos - 1], st_t[d, pos], before, -1, hold_ms)
-        attribute_interval(bid, bval, d, levels, st_t[d, pos - 1], t_ms, before, 1, hold_ms)
-        attribute_interval(bid, bval, d, levels, t_ms, st_t[d, pos], code, 1, hold_ms)
+        attribute_interval(bid, bval, d, levels, lvc, st_t[d, pos - 1], st_t[d, pos], before, -1, hold_ms)
+        attribute_interval(bid, bval, d, levels, lvc, st_t[d, pos - 1], t_ms, before, 1, hold_ms)
+        attribute_interval(bid, bval, d, levels, lvc, t_ms, st_t[d, pos], code, 1, hold_ms)
     # insert at pos; a full buffer drops its oldest point
     if count == depth:
         for i in range(pos - 1):
@@ -900,7 +967,7 @@ def state_sample(
     return True
 
 
-@njit(**NJIT_OPTIONS)
+@njit(**NJIT_INLINE)
 def counter_sample(
     d: int,
     which: int,
@@ -911,6 +978,7 @@ def counter_sample(
     bid: np.ndarray,
     bval: np.ndarray,
     levels: np.ndarray,
+    lvc: np.ndarray,
     field: int,
 ) -> int:
     """A cumulative counter value: 0 accepted, 1 late (older than the last value), 2 invalid.
@@ -936,7 +1004,7 @@ def counter_sample(
     devf[d, DF_COUNTER + which] = value
     amount = int(np.floor(increment + 0.5))
     if amount != 0:
-        bucket_add(bid, bval, d, levels, t_ms, field, amount)
+        bucket_add(bid, bval, d, levels, lvc, t_ms, field, amount)
     return 0
 
 
@@ -987,104 +1055,139 @@ def ingest_batch(
     are the multivariate detector's state (zero-width when the detector is not ``pca`` or
     ``mewma``; ``mv_aux`` and ``mv_lag`` only for ``mewma``).
     """
-    multivariate = (int(params[P_DETECTOR]) & DET_MULTIVARIATE) != 0
-    record = tick_scores.shape[0] == device.shape[0]
-    tick_last = 0
-    n_events = 0
+    detector = int(params[P_DETECTOR])
+    multivariate = (detector & DET_MULTIVARIATE) != 0
+    n = device.shape[0]
+    record = tick_scores.shape[0] == n
     n_channels = role.shape[1]
     hold_ms = int(params[P_HOLD_MS])
+    # the parameters, read once per batch
+    warmup = params[P_WARMUP]
+    alpha = params[P_ALPHA]
+    z_scale2 = params[P_Z_SCALE2]
+    rel_floor = params[P_REL_FLOOR]
+    lam = params[P_EWMA_LAMBDA]
+    ewma_factor = params[P_EWMA_FACTOR]
+    drift = params[P_CUSUM_DRIFT]
+    cap = params[P_CUSUM_CAP]
+    cusum_scale = params[P_CUSUM_SCALE]
+    q_gate = params[P_Q_GATE]
+    gated_factor = params[P_GATED_FACTOR]
+    adopt_us = params[P_ADOPT_US]
+    lvc = new_level_cache(levels)
+    # counters in registers, written back once per batch (a counter in memory would chain every
+    # sample to the previous one through a store and a load)
+    n_accepted = 0
+    n_index = 0
+    n_nonfinite = 0
+    n_late = 0
+    n_value = 0
+    max_t = stats[ST_MAX_T]
+    tick_last = 0
+    n_events = 0
     tick_device = -1
     tick_t = 0
     tick_scored = False
+    # the (device, timestamp) group of the last valid sample; its device's channel-statistic sum and
+    # hot-channel count live in g_sum and g_hot until the group ends (devf written back then)
     group_device = -1
     group_t = 0
+    g_sum = 0.0
+    g_hot = 0.0
     t_ms = 0
     regime = 0
-    warmup = params[P_WARMUP]
-    q_gate = params[P_Q_GATE]
-    adopt_us = params[P_ADOPT_US]
     gate = True
-    for i in range(device.shape[0]):
-        d = device[i]
-        c = channel[i]
-        t = t_us[i]
+    for i in range(n + 1):  # i == n closes the last tick
+        if i < n:
+            d = device[i]
+            c = channel[i]
+            t = t_us[i]
+        else:
+            d = -1
+            c = -1
+            t = 0
         if tick_device >= 0 and (d != tick_device or t != tick_t):
             if tick_scored:
+                # the tick's device is the group's: its sums must be in devf for the tick
+                devf[group_device, DF_SUM] = g_sum
+                devf[group_device, DF_HOT] = g_hot
                 mv_score = np.nan
                 if multivariate:
                     mv_score = multivariate_tick(
                         tick_device, role, mv_last, mv_mean, mv_scale, mv_cov, mv_eig, mv_dev, mv_aux, mv_lag, params
                     )
                 n_events = device_tick(
-                    tick_device,
-                    tick_t,
-                    chan,
-                    role,
-                    devf,
-                    devi,
-                    params,
-                    ev_device,
-                    ev_phase,
-                    ev_t,
-                    ev_score,
-                    ev_mask,
-                    n_events,
-                    mv_score,
-                )
+                    tick_device, tick_t, chan, role, devf, devi, params, ev_device, ev_phase, ev_t, ev_score, ev_mask,
+                    n_events, mv_score,
+                )  # fmt: skip
                 if record:
                     tick_scores[tick_last] = devf[tick_device, DF_SCORE]
             tick_device = -1
             tick_scored = False
-        if d < 0 or d >= n_devices or c < 0 or c >= n_channels or role[d, c] == ROLE_UNUSED:
-            stats[ST_INDEX] += 1
+        if i == n:
+            break
+        if d < 0 or d >= n_devices or c < 0 or c >= n_channels:
+            n_index += 1
+            continue
+        r = role[d, c]
+        if r == ROLE_UNUSED:
+            n_index += 1
             continue
         x = values[i]
         if not np.isfinite(x):
-            stats[ST_NONFINITE] += 1
+            n_nonfinite += 1
             continue
-        r = role[d, c]
         if d != group_device or t != group_t:
             # once per (device, timestamp) group, not per sample: the newest times and the regime
+            if group_device >= 0:
+                devf[group_device, DF_SUM] = g_sum
+                devf[group_device, DF_HOT] = g_hot
             group_device = d
             group_t = t
+            g_sum = devf[d, DF_SUM]
+            g_hot = devf[d, DF_HOT]
             t_ms = t // 1000
-            if t > stats[ST_MAX_T]:
-                stats[ST_MAX_T] = t
+            if t > max_t:
+                max_t = t
             if t_ms > devi[d, DI_LAST_SEEN_MS]:
                 devi[d, DI_LAST_SEEN_MS] = t_ms
             regime = current_regime(d, st_code, devi)
             # the learning gate holds until the device's incident (a channel over the gate without
             # a break) has lasted adopt_us; a gate without an end latched channels for good
-            gate = not (devf[d, DF_HOT] > 0.0 and t - devi[d, DI_HOT_SINCE] >= adopt_us)
+            gate = not (g_hot > 0.0 and t - devi[d, DI_HOT_SINCE] >= adopt_us)
         if r in (ROLE_ANALOG, ROLE_UNIT):
-            row = chan[d, c]
-            if t < row[CH_LAST_T]:
-                stats[ST_LATE] += 1
+            last_t = chan[d, c, CH_LAST_T]
+            if t < last_t:
+                n_late += 1
                 continue
-            stats[ST_ACCEPTED] += 1
-            if t == row[CH_LAST_T] and x == row[CH_LAST_X]:
+            n_accepted += 1
+            last_x = chan[d, c, CH_LAST_X]
+            if t == last_t and x == last_x:
                 continue  # a replayed duplicate: already learned
             # (another value at the same time is a new measurement: a station that completed
             # several units since its last report sends their values with one timestamp)
-            row[CH_LAST_T] = t
-            held = r == ROLE_UNIT and x == row[CH_LAST_X]  # the same unit's value, polled again
-            row[CH_LAST_X] = x
+            chan[d, c, CH_LAST_T] = t
+            chan[d, c, CH_LAST_X] = x
+            unit = r == ROLE_UNIT
             # a unit's measurement has one baseline whatever the station does between units
-            channel_regime = REGIME_PRODUCING if r == ROLE_UNIT else regime
+            channel_regime = REGIME_PRODUCING if unit else regime
             # the device baseline learns only from ticks with a warmed-up channel, so the sum does
             # not jump when channels leave their warm-up
-            warm = row[3 * channel_regime + 2] >= warmup
-            if not held:
-                old_q = row[CH_Q]
-                q = channel_step(row, channel_regime, x, params, gate)
-                devf[d, DF_SUM] += q - old_q
+            warm = chan[d, c, 3 * channel_regime + 2] >= warmup
+            if not (unit and x == last_x):  # a held unit value: the same unit, polled again
+                old_q = chan[d, c, CH_Q]
+                q = channel_update(
+                    chan, d, c, channel_regime, x, gate, detector, warmup, alpha, z_scale2, rel_floor, lam,
+                    ewma_factor, drift, cap, cusum_scale, q_gate, gated_factor,
+                )  # fmt: skip
+                g_sum += q - old_q
                 if (q > q_gate) != (old_q > q_gate):  # the count of channels over the learning gate
                     if q > q_gate:
-                        if devf[d, DF_HOT] == 0.0:
+                        if g_hot == 0.0:
                             devi[d, DI_HOT_SINCE] = t  # an incident begins
-                        devf[d, DF_HOT] += 1.0
+                        g_hot += 1.0
                     else:
-                        devf[d, DF_HOT] -= 1.0
+                        g_hot -= 1.0
             if multivariate:
                 mv_last[d, c] = x
                 warm = True  # the multivariate detector counts its own warm-up in complete ticks
@@ -1094,52 +1197,49 @@ def ingest_batch(
             tick_scored = tick_scored or warm
         elif r == ROLE_STATE:
             if x < 0.0 or x >= N_STATES or x != np.floor(x):
-                stats[ST_VALUE] += 1
+                n_value += 1
                 continue
             code = int(x)
-            if state_sample(d, t_ms, code, st_t, st_code, devi, bid, bval, levels, hold_ms):
-                stats[ST_ACCEPTED] += 1
+            if state_sample(d, t_ms, code, st_t, st_code, devi, bid, bval, levels, lvc, hold_ms):
+                n_accepted += 1
                 regime = current_regime(d, st_code, devi)  # the rest of the group sees the new state
             else:
-                stats[ST_LATE] += 1
+                n_late += 1
         elif ROLE_PRODUCED <= r <= ROLE_SCRAP:  # the three cumulative counters
             which = r - ROLE_PRODUCED
             field = BV_PRODUCED if r == ROLE_PRODUCED else BV_GOOD if r == ROLE_GOOD else BV_SCRAP
-            outcome = counter_sample(d, which, t_ms, x, devf, devi, bid, bval, levels, field)
+            outcome = counter_sample(d, which, t_ms, x, devf, devi, bid, bval, levels, lvc, field)
             if outcome == 0:
-                stats[ST_ACCEPTED] += 1
+                n_accepted += 1
                 if r == ROLE_GOOD:
                     devi[d, DI_HAS_GOOD] = 1
             elif outcome == 1:
-                stats[ST_LATE] += 1
+                n_late += 1
             else:
-                stats[ST_VALUE] += 1
+                n_value += 1
         elif r == ROLE_LAYER_PROGRESS:
             if x < 0.0 or x > 1.0:
-                stats[ST_VALUE] += 1
+                n_value += 1
                 continue
-            stats[ST_ACCEPTED] += 1
+            n_accepted += 1
             if t >= devi[d, DI_LAYER_T]:
                 devi[d, DI_LAYER_T] = t
                 devf[d, DF_LAYER_PROGRESS] = x
         else:
-            stats[ST_ACCEPTED] += 1
-    if tick_device >= 0 and tick_scored:
-        mv_score = np.nan
-        if multivariate:
-            mv_score = multivariate_tick(
-                tick_device, role, mv_last, mv_mean, mv_scale, mv_cov, mv_eig, mv_dev, mv_aux, mv_lag, params
-            )
-        n_events = device_tick(
-            tick_device, tick_t, chan, role, devf, devi, params, ev_device, ev_phase, ev_t, ev_score, ev_mask, n_events,
-            mv_score,
-        )  # fmt: skip
-        if record:
-            tick_scores[tick_last] = devf[tick_device, DF_SCORE]
+            n_accepted += 1
+    if group_device >= 0:
+        devf[group_device, DF_SUM] = g_sum
+        devf[group_device, DF_HOT] = g_hot
+    stats[ST_ACCEPTED] += n_accepted
+    stats[ST_NONFINITE] += n_nonfinite
+    stats[ST_INDEX] += n_index
+    stats[ST_LATE] += n_late
+    stats[ST_VALUE] += n_value
+    stats[ST_MAX_T] = max_t
     return n_events
 
 
-@njit(**NJIT_OPTIONS)
+@njit(**NJIT_INLINE)
 def current_regime(d: int, st_code: np.ndarray, devi: np.ndarray) -> int:
     """The regime of the device's newest state point (rest when it has reported no state)."""
     count = devi[d, DI_STATE_COUNT]
