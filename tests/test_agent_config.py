@@ -15,6 +15,8 @@ import yaml
 import edge_agent.anomalies
 import edge_agent.config
 import edge_agent.device
+import edge_agent.sources._units
+import edge_agent.sources.modbus
 import edge_agent.sources.simulator
 import edge_agent.spool
 from edge_agent.config import ConfigError, load_config, parse_config
@@ -112,7 +114,8 @@ def test_cli_check_and_errors(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("module", [edge_agent.anomalies, edge_agent.config, edge_agent.device,
-                                    edge_agent.spool, edge_agent.sources.simulator])
+                                    edge_agent.spool, edge_agent.sources.simulator, edge_agent.sources.modbus,
+                                    edge_agent.sources._units])
 def test_module_examples_run(module: Any) -> None:
     result = doctest.testmod(module)
     assert result.failed == 0

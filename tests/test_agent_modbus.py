@@ -208,3 +208,59 @@ def test_tag_map_errors_name_the_key(tags: dict[str, Any], message: str) -> None
     with pytest.raises(ConfigError, match=message):
         from_config(section, Path("."))
         section.done()
+
+
+# --- units ---------------------------------------------------------------------------------------------
+
+
+def test_counter_increases_become_units(plc: PlcServer) -> None:
+    # The leak tester's PLC: serial number (uint32) and pass bit next to the counter; the handshake
+    # writes a unit's registers first and counts it last.
+    plc.set("holding", 6, words("I", 5000))
+    source = make_source(plc.port, units={
+        "trigger": "produced_total", "serial": {"address": 20, "type": "uint32"}, "serial_format": "MW-20-{:07d}",
+        "good": {"address": 22}, "defect": {"address": 23}, "defect_map": {3: "door_leakage"},
+        "cycle_time": "cycle_time", "measurements": ["door_leakage"]})
+    assert source.info.channels == ("state", "door_leakage", "cycle_time", "produced_total", "cavity_temp_rise")
+    sink = RecordingSink()
+    stream = sink.stream(source.info)
+    tracker = source.unit_tracker
+    assert tracker is not None
+
+    def build(count: int, serial: int, ok: bool, leakage: float, defect: int = 0) -> None:
+        plc.set("holding", 20, [*words("I", serial), int(ok), defect])
+        plc.set("input", 2, words("f", leakage))
+        plc.set("holding", 4, [180 + count % 10])
+        plc.set("holding", 6, words("I", count))
+        deadline = time.monotonic() + 10
+        while tracker.count != count:
+            assert time.monotonic() < deadline, source.status()
+            time.sleep(0.01)
+
+    stop = threading.Event()
+    thread = threading.Thread(target=source.run, args=(sink, stop), daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        while tracker.count != 5000:  # the first poll: a baseline, not a unit
+            assert time.monotonic() < deadline, source.status()
+            time.sleep(0.01)
+        build(5001, 1201, True, 0.25)
+        build(5002, 1202, False, 1.75, defect=3)
+        build(0, 1202, False, 1.75, defect=3)  # the PLC restarts: no negative units
+        build(1, 1203, True, 0.5)
+        build(2, 1203, True, 0.5)  # counted, but the serial was not updated: not reported as a unit
+    finally:
+        stop.set()
+        thread.join(5)
+    units = [e for e in stream.events if e["type"] == "unit_produced"]
+    assert [(u["serial"], u["good"], u.get("defect"), u["measurements"]["door_leakage"], u["cycle_time"])
+            for u in units] == [("MW-20-0001201", True, None, 0.25, pytest.approx(18.1)),
+                                ("MW-20-0001202", False, "door_leakage", 1.75, pytest.approx(18.2)),
+                                ("MW-20-0001203", True, None, 0.5, pytest.approx(18.1))]
+    assert all(u["product_model"] == "MW-20" and u["product_revision"] == "B" for u in units)
+    [alarm] = [e for e in stream.events if e["type"] == "alarm"]
+    assert "serial MW-20-0001203 unchanged" in alarm["message"]
+    assert source.status() | {"polls": 0} == {"polls": 0, "errors": 0, "last_error": None, "units": 3,
+                                              "units_unlinked": 1, "counter_resets": 1}
+    assert not any(c.startswith("units.") for c, _, _ in stream.samples)  # serial and pass bit: no telemetry

@@ -1,22 +1,31 @@
-"""The OPC UA adapter against a real asyncua server started in the test."""
+"""The OPC UA adapter against a real asyncua server started in the test (units: also through a real
+Mosquitto into the iteration loop's intake)."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from agent_support import RecordingSink
 from asyncua import Server, ua
+from conftest import Collector
+from test_agent_mqtt import Requester
 
-from edge_agent.config import ConfigError, Section
+from edge_agent import Agent, BatchSettings, wait_connected
+from edge_agent.config import ConfigError, Section, SpoolSettings
 from edge_agent.sources.opcua import OpcUaSource, from_config
 from forgeline.broker import free_port
+from forgeline.contract import schemas
+from forgeline.contract.topics import DeviceRef
 from forgeline.contract.vocabulary import DeviceState
+from forgeline.loop.intake import LoopStore
+from forgeline.mqtt import MqttSettings
 
 
 def nid(name: str, ns: int) -> ua.NodeId:
@@ -52,6 +61,12 @@ class PlcServer:
         self.nodes["rise"] = await power.add_variable(nid("Power.RiseCentiK", ns), "RiseCentiK", 1150,
                                                       ua.VariantType.Int32)
         self.nodes["text"] = await power.add_variable(nid("Power.Text", ns), "Text", "hello")
+        # The unit handshake: the PLC writes the unit's serial, result and cycle time, then counts it.
+        self.nodes["produced"] = await power.add_variable(nid("Power.Produced", ns), "Produced", 100,
+                                                          ua.VariantType.UInt32)
+        self.nodes["serial"] = await power.add_variable(nid("Power.Serial", ns), "Serial", "")
+        self.nodes["ok"] = await power.add_variable(nid("Power.UnitOk", ns), "UnitOk", False)
+        self.nodes["cycle"] = await power.add_variable(nid("Power.CycleTimeS", ns), "CycleTimeS", 0.0)
         self.ns = ns
         async with server:
             self.ready.set()
@@ -159,3 +174,97 @@ def test_tag_map_errors_name_the_key(tags: dict[str, Any], message: str) -> None
     with pytest.raises(ConfigError, match=message):
         from_config(section, Path("."))
         section.done()
+
+
+# --- units ---------------------------------------------------------------------------------------------
+
+UNITS = {"trigger": "produced_total", "serial": {"node": "ns=2;s=Power.Serial"},
+         "good": {"node": "ns=2;s=Power.UnitOk"}, "cycle_time": {"node": "ns=2;s=Power.CycleTimeS"},
+         "measurements": ["magnetron_power", "cavity_temp_rise"]}
+
+
+def make_unit_source(url: str, tenant: str = "oven-plant") -> OpcUaSource:
+    section = Section({
+        "tenant": tenant, "site": "plant1", "area": "line1", "device": "power", "url": url,
+        "publishing_interval_ms": 50, "sampling_interval_ms": 10, "timeout_s": 2,
+        "product_model": "MW-20", "product_revision": "B",
+        "tags": {"magnetron_power": "ns=2;s=Power.MagnetronW",
+                 "cavity_temp_rise": {"node": "ns=2;s=Power.RiseCentiK", "scale": 0.01},
+                 "produced_total": "ns=2;s=Power.Produced"},
+        "units": UNITS,
+    }, "sources[0]")
+    source = from_config(section, Path("."))
+    section.done()
+    return source
+
+
+def build(plc: PlcServer, source: OpcUaSource, count: int, serial: str, ok: bool, power: float) -> None:
+    """One unit through the PLC handshake: its tags first, then the counter."""
+    plc.write("serial", serial)
+    plc.write("ok", ok)
+    plc.write("power", power)
+    plc.write("cycle", 60.0 + count % 10)
+    plc.write("produced", count, ua.VariantType.UInt32)
+    tracker = source.unit_tracker
+    assert tracker is not None
+    wait(lambda: tracker.count == count)
+
+
+def test_counter_increases_become_units_over_mqtt_and_into_the_loop(
+    plc: PlcServer, mqtt_settings: MqttSettings, collect: Callable[..., Collector], tenant: str
+) -> None:
+    plc.write("produced", 100, ua.VariantType.UInt32)
+    plc.write("serial", "MW-20-B0000")  # the unit counted before the agent started
+    source = make_unit_source(plc.url, tenant)
+    tracker = source.unit_tracker
+    assert tracker is not None
+    ref = DeviceRef(tenant, "plant1", "line1", "power")
+    collector = collect(f"fl/v1/{tenant}/#")
+    agent = Agent(mqtt_settings, [source], spool=SpoolSettings(":memory:"), batch=BatchSettings(100, 0.1)).start()
+    try:
+        assert wait_connected(agent)
+        wait(lambda: tracker.count == 100)  # the first reading: a baseline, not a unit
+        time.sleep(0.2)  # the command subscription follows the CONNACK
+        build(plc, source, 101, "MW-20-B0001", True, 801.0)
+        build(plc, source, 102, "MW-20-B0002", False, 702.0)
+        build(plc, source, 103, "MW-20-B0003", True, 803.0)
+        reply = Requester(collector, ref).send("set_config", {"args": {"product_revision": "C"}})
+        assert reply["ok"] and reply["result"]["applied"] == {"product_revision": "C"}, reply
+        build(plc, source, 104, "MW-20-C0004", True, 804.0)
+        build(plc, source, 0, "MW-20-C0004", True, 804.0)  # the PLC restarts: a reset, no units
+        build(plc, source, 1, "MW-20-C0005", True, 805.0)
+        build(plc, source, 4, "MW-20-C0008", False, 808.0)  # three units between two readings
+        collector.wait_for(lambda ms: sum(b'"unit_produced"' in m.payload for m in ms) >= 6)
+        collector.wait_for(lambda ms: any(b'"alarm"' in m.payload for m in ms))
+        status = source.status()
+    finally:
+        agent.stop()
+    messages = collector.wait_for(lambda ms: any(b'"offline"' in m.payload for m in ms))
+    events = [json.loads(m.payload) for m in messages if m.topic == ref.event_topic]
+    for event in events:
+        schemas.validate("event", event)
+    units = [e for e in events if e["type"] == "unit_produced"]
+    assert [(u["serial"], u["product_model"], u["product_revision"], u["good"]) for u in units] == [
+        ("MW-20-B0001", "MW-20", "B", True), ("MW-20-B0002", "MW-20", "B", False), ("MW-20-B0003", "MW-20", "B", True),
+        ("MW-20-C0004", "MW-20", "C", True), ("MW-20-C0005", "MW-20", "C", True), ("MW-20-C0008", "MW-20", "C", False),
+    ]
+    assert units[1]["measurements"] == {"magnetron_power": 702.0, "cavity_temp_rise": pytest.approx(11.5)}
+    assert units[1]["cycle_time"] == 62.0
+    stamps = [u["ts"] for u in units]
+    assert stamps == sorted(stamps) and all(abs(t - time.time()) < 60 for t in stamps)  # the counter's timestamps
+    [alarm] = [e for e in events if e["type"] == "alarm"]
+    assert alarm["units_unlinked"] == 2 and alarm["product_revision"] == "C"
+    assert status["units"] == 6 and status["units_unlinked"] == 2 and status["counter_resets"] == 1
+    births = [json.loads(m.payload) for m in messages if m.topic == ref.status_topic and b'"online"' in m.payload]
+    assert births[0]["product_revision"] == "B" and births[-1]["product_revision"] == "C"
+
+    # The loop files them per serial and revision, exactly as it does the simulator's.
+    store = LoopStore()
+    outcome = store.ingest_all((m.topic, bytes(m.payload)) for m in messages)
+    assert outcome["unit"] == 6 and outcome["rejected"] == 0, outcome
+    model = store.model(tenant, "MW-20")
+    b, c = model.revisions["B"], model.revisions["C"]
+    assert (b.units, b.good, dict(b.defects)) == (3, 2, {"unspecified": 1})
+    assert (c.units, c.good) == (3, 2)
+    assert sorted(b.samples["measurement/magnetron_power"].values) == [702.0, 801.0, 803.0]
+    assert model.units["MW-20-C0004"].revision == "C"

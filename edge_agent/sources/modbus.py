@@ -5,6 +5,11 @@ close together are read in one request (at most 125 registers), so a PLC with tw
 or two round trips per poll. A failed read reports ``state`` OFFLINE (when a ``state`` tag exists) or
 nothing, and the client reconnects.
 
+With a ``units`` section every increase of a counter tag between two polls becomes a
+``unit_produced`` event, built from the same poll's values of the unit's tags (serial, pass/fail,
+measurements) by the shared rules of :mod:`edge_agent.sources._units`. Units-only tags (a serial
+number, a pass bit) are read with the others but not published as telemetry.
+
 Config (``type: modbus``)::
 
     tenant: oven-plant
@@ -24,6 +29,13 @@ Config (``type: modbus``)::
       door_leakage:   {address: 2, type: float32, table: input}
       cycle_time:     {address: 4, type: uint16, scale: 0.1}   # tenths of a second in the PLC
       produced_total: {address: 6, type: uint32}
+    units:                        # optional: unit_produced events (see edge_agent/sources/_units.py)
+      trigger: produced_total
+      serial: {address: 20, type: uint32}
+      serial_format: "MW-20-{:07d}"
+      good: {address: 22, type: uint16}      # nonzero = passed
+      cycle_time: cycle_time
+      measurements: [door_leakage]
 """
 
 from __future__ import annotations
@@ -40,7 +52,8 @@ from pathlib import Path
 from typing import Any
 
 from edge_agent.device import DeviceInfo
-from edge_agent.sources.base import DeviceAdapter, Sink
+from edge_agent.sources._units import StationAdapter, UnitSpec, check_product, parse_units
+from edge_agent.sources.base import Sink
 from forgeline.contract.vocabulary import DeviceState, Technology
 
 log = logging.getLogger(__name__)
@@ -108,25 +121,32 @@ def _read(table: str, group: list[Tag]) -> tuple[str, int, int, list[Tag]]:
     return table, start, end - start, list(group)
 
 
-class ModbusSource(DeviceAdapter):
+class ModbusSource(StationAdapter):
     kind = "modbus"
 
     def __init__(self, info: DeviceInfo, host: str, port: int, tags: Sequence[Tag], *, unit_id: int = 1,
-                 word_order: str = "big", timeout_s: float = 3.0) -> None:
-        super().__init__(info)
+                 word_order: str = "big", timeout_s: float = 3.0, units: UnitSpec | None = None,
+                 unit_tags: Sequence[Tag] = ()) -> None:
+        super().__init__(info, units)
         self.host, self.port = host, port
         self.tags = list(tags)
         self.unit_id = unit_id
         self.word_order = word_order
         self.timeout_s = timeout_s
-        self.reads = plan_reads(self.tags)
+        self.reads = plan_reads([*self.tags, *unit_tags])  # units-only tags are read, not published
         self.polls = 0
 
     def poll(self, client: Any) -> list[tuple[int, float]]:
-        """One poll of every tag; raises ConnectionError when a request fails."""
+        """One poll of every tag: the samples of the channels (finite values only)."""
         index = {name: i for i, name in enumerate(self.info.channels)}
+        return [(index[name], value) for name, value in self.read_tags(client).items()
+                if name in index and math.isfinite(value)]
+
+    def read_tags(self, client: Any) -> dict[str, float]:
+        """Every tag's scaled value by name (channel, or ``units.<field>``); raises ConnectionError when a
+        request fails."""
         unit = {self._unit_keyword: self.unit_id}
-        samples: list[tuple[int, float]] = []
+        values: dict[str, float] = {}
         for table, start, count, group in self.reads:
             read = client.read_holding_registers if table == "holding" else client.read_input_registers
             try:
@@ -139,36 +159,41 @@ class ModbusSource(DeviceAdapter):
             for tag in group:
                 at = tag.address - start
                 value = decode(registers[at : at + tag.width], tag.type, self.word_order)
-                value = value * tag.scale + tag.offset
-                if math.isfinite(value):
-                    samples.append((index[tag.channel], value))
-        return samples
+                values[tag.channel] = value * tag.scale + tag.offset
+        return values
 
     def run(self, sink: Sink, stop: threading.Event) -> None:
         from pymodbus.client import ModbusTcpClient
 
-        stream = sink.stream(self.info)
+        stream = self.open_stream(sink)
         client = ModbusTcpClient(self.host, port=self.port, timeout=self.timeout_s, retries=0)
         params = inspect.signature(client.read_holding_registers).parameters
         self._unit_keyword = "device_id" if "device_id" in params else "slave"  # renamed in pymodbus 3.10
-        state_index = self.info.channels.index("state") if "state" in self.info.channels else None
+        index = {name: i for i, name in enumerate(self.info.channels)}
+        state_index = index.get("state")
         try:
             while not stop.is_set():
                 began = time.monotonic()
                 samples: list[tuple[int, float]] = []
+                values: dict[str, float] = {}
                 try:
                     if not client.connected and not client.connect():
                         raise ConnectionError(f"cannot connect to {self.host}:{self.port}")
-                    samples = self.poll(client)
+                    values = self.read_tags(client)
+                    samples = [(index[name], value) for name, value in values.items()
+                               if name in index and math.isfinite(value)]
                 except ConnectionError as exc:
                     self._error(str(exc))
                     client.close()
                     if state_index is not None:
                         samples = [(state_index, float(DeviceState.OFFLINE))]
                 self.polls += 1
+                now = time.time()
                 if samples:
-                    t_us = int(time.time() * 1_000_000)
+                    t_us = int(now * 1_000_000)
                     stream.extend([i for i, _ in samples], [t_us] * len(samples), [v for _, v in samples])
+                if values:
+                    self.report_units(stream, values, now)
                 period = 1.0 / self.rate_hz(self.info.key)
                 stop.wait(max(0.0, period - (time.monotonic() - began)))
         finally:
@@ -177,7 +202,7 @@ class ModbusSource(DeviceAdapter):
     _unit_keyword = "device_id"
 
     def status(self) -> dict[str, Any]:
-        return {"polls": self.polls, "errors": self.errors, "last_error": self.last_error}
+        return {"polls": self.polls, "errors": self.errors, "last_error": self.last_error, **self.units_status()}
 
 
 def device_info(section: Any, channels: Sequence[str], default_technology: str) -> DeviceInfo:
@@ -208,17 +233,26 @@ def from_config(section: Any, base_dir: Path) -> ModbusSource:
     tags: list[Tag] = []
     for channel in list(tags_section.data):
         entry = tags_section.section(str(channel), required=True)
-        tags.append(Tag(
-            channel=str(channel),
-            address=entry.number("address", minimum=0, maximum=65535, integer=True),
-            type=entry.text("type", "uint16", choices=tuple(TYPES)),
-            table=entry.text("table", "holding", choices=TABLES),
-            scale=entry.number("scale", 1.0),
-            offset=entry.number("offset", 0.0),
-        ))
+        tags.append(_tag(entry, str(channel)))
         entry.done()
     if not tags:
         raise section.error("tags", "needs at least one tag")
-    info = device_info(section, [t.channel for t in tags], Technology.LINE.value)
-    return ModbusSource(info, host, port, tags, unit_id=unit_id, word_order=word_order, timeout_s=timeout)
+    channels = [t.channel for t in tags]
+    units, unit_tags = parse_units(section, channels, _tag)
+    info = device_info(section, channels, Technology.LINE.value)
+    check_product(section, info, units)
+    return ModbusSource(info, host, port, tags, unit_id=unit_id, word_order=word_order, timeout_s=timeout,
+                        units=units, unit_tags=list(unit_tags.values()))
+
+
+def _tag(entry: Any, name: str) -> Tag:
+    """``{address, type?, table?, scale?, offset?}``: a channel of the tag map or a units-only tag."""
+    return Tag(
+        channel=name,
+        address=entry.number("address", minimum=0, maximum=65535, integer=True),
+        type=entry.text("type", "uint16", choices=tuple(TYPES)),
+        table=entry.text("table", "holding", choices=TABLES),
+        scale=entry.number("scale", 1.0),
+        offset=entry.number("offset", 0.0),
+    )
 

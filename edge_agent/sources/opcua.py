@@ -6,6 +6,10 @@ clock when the server gives none). Values can be scaled, and a ``state`` tag can
 the PLC's own codes with ``state_map``. When the connection is lost the device reports ``state``
 OFFLINE (if it has a ``state`` tag) and the client reconnects with a growing delay.
 
+With a ``units`` section every increase of a counter tag becomes a ``unit_produced`` event: when the
+counter's data change arrives, the unit's nodes (serial, pass/fail, measurements) are read in one
+Read request and handed to the shared rules of :mod:`edge_agent.sources._units`.
+
 Config (``type: opcua``)::
 
     tenant: oven-plant
@@ -25,6 +29,12 @@ Config (``type: opcua``)::
       state:            {node: "ns=2;s=Power.State", state_map: {0: offline, 1: idle, 2: producing, 3: error}}
       magnetron_power:  "ns=2;s=Power.MagnetronW"           # a node id alone
       cavity_temp_rise: {node: "ns=2;s=Power.RiseCentiK", scale: 0.01}
+      produced_total:   "ns=2;s=Power.Produced"
+    units:                               # optional: unit_produced events (see edge_agent/sources/_units.py)
+      trigger: produced_total
+      serial: {node: "ns=2;s=Power.Serial"}   # a string, or a number with serial_format
+      good: {node: "ns=2;s=Power.UnitOk"}
+      measurements: [magnetron_power, cavity_temp_rise]
 """
 
 from __future__ import annotations
@@ -41,7 +51,8 @@ from pathlib import Path
 from typing import Any
 
 from edge_agent.sources._printer import read_secret
-from edge_agent.sources.base import DeviceAdapter, DeviceStream, Sink
+from edge_agent.sources._units import StationAdapter, UnitSpec, check_product, parse_units
+from edge_agent.sources.base import DeviceStream, Sink
 from edge_agent.sources.modbus import device_info
 from forgeline.contract.vocabulary import DeviceState, Technology
 
@@ -70,6 +81,10 @@ class OpcTag:
         result = float(value) * self.scale + self.offset
         return result if math.isfinite(result) else None
 
+    def unit_value(self, value: Any) -> Any:
+        """A value for a unit's fields: text as it is (a serial, a defect name), numbers converted."""
+        return value.strip() if isinstance(value, str) else self.convert(value)
+
 
 class _Handler:
     """asyncua's data-change callback: turns notifications into samples."""
@@ -79,6 +94,8 @@ class _Handler:
         self.stream = stream
         self.tags_by_node = tags_by_node
         self.index = {name: i for i, name in enumerate(stream.info.channels)}
+        # (counter value, time) of each data change of the unit counter, read by the unit reader task
+        self.unit_counts: asyncio.Queue[tuple[float, float]] = asyncio.Queue()
 
     def datachange_notification(self, node: Any, val: Any, data: Any) -> None:
         tag = self.tags_by_node.get(node.nodeid.to_string())
@@ -92,17 +109,24 @@ class _Handler:
         t_s = stamp.timestamp() if isinstance(stamp, datetime) else time.time()
         self.source.notifications += 1
         self.stream.add(self.index[tag.channel], int(t_s * 1_000_000), value)
+        if self.source.units is not None and tag.channel == self.source.units.trigger:
+            self.unit_counts.put_nowait((value, t_s))
 
 
-class OpcUaSource(DeviceAdapter):
+class OpcUaSource(StationAdapter):
     kind = "opcua"
 
     def __init__(self, info: Any, url: str, tags: Sequence[OpcTag], *, username: str | None = None,
                  password: str | None = None, security: str | None = None, publishing_interval_ms: float = 500,
-                 sampling_interval_ms: float = 100, timeout_s: float = 5.0) -> None:
-        super().__init__(info)
+                 sampling_interval_ms: float = 100, timeout_s: float = 5.0, units: UnitSpec | None = None,
+                 unit_tags: Mapping[str, OpcTag] | None = None) -> None:
+        super().__init__(info, units)
         self.url = url
         self.tags = list(tags)
+        self.units = units
+        by_name = {tag.channel: tag for tag in self.tags} | dict(unit_tags or {})
+        # what is read for a unit when the counter changes: channels of the tag map and units-only tags
+        self.unit_reads = {key: by_name[key] for key in units.reads} if units is not None else {}
         self.username = username
         self.password = password
         self.security = security
@@ -114,7 +138,7 @@ class OpcUaSource(DeviceAdapter):
         self.rejected = 0
 
     def run(self, sink: Sink, stop: threading.Event) -> None:
-        stream = sink.stream(self.info)
+        stream = self.open_stream(sink)
         asyncio.run(self._main(stream, stop))
 
     def _offline(self, stream: DeviceStream) -> None:
@@ -155,9 +179,15 @@ class OpcUaSource(DeviceAdapter):
                 for tag, result in zip(self.tags, results if isinstance(results, list) else [results], strict=False):
                     if not isinstance(result, int):
                         self._error(f"tag {tag.channel} ({tag.node}) not subscribed: {result}")
-                while not stop.is_set():
-                    await self._sleep(stop, 0.5)
-                    await client.check_connection()
+                reader = asyncio.create_task(self._read_units(client, handler.unit_counts, stream))
+                try:
+                    while not stop.is_set():
+                        await self._sleep(stop, 0.5)
+                        await client.check_connection()
+                        if reader.done():
+                            reader.result()  # raises what ended it
+                finally:
+                    reader.cancel()
             except Exception as exc:
                 if not stop.is_set():
                     self._error(f"connection to {self.url} lost: {type(exc).__name__}: {exc}")
@@ -168,6 +198,25 @@ class OpcUaSource(DeviceAdapter):
                 except Exception:
                     pass
 
+    async def _read_units(self, client: Any, counts: asyncio.Queue[tuple[float, float]], stream: DeviceStream) -> None:
+        """Per data change of the unit counter: read the unit's nodes in one request, then apply the rules."""
+        if self.units is None:
+            return
+        nodes = [client.get_node(tag.node) for tag in self.unit_reads.values()]
+        while True:
+            count, t_s = await counts.get()
+            snapshot: dict[str, Any] = {self.units.trigger: count}
+            if nodes:
+                try:
+                    results = await client.read_attributes(nodes)
+                except Exception as exc:  # the unit goes unlinked (no serial); the connection check reconnects
+                    self._error(f"reading the unit tags: {type(exc).__name__}: {exc}")
+                    results = []
+                for (key, tag), result in zip(self.unit_reads.items(), results, strict=False):
+                    good = result.StatusCode.is_good() and result.Value is not None
+                    snapshot[key] = tag.unit_value(result.Value.Value) if good else None
+            self.report_units(stream, snapshot, t_s)
+
     @staticmethod
     async def _sleep(stop: threading.Event, seconds: float) -> None:
         deadline = time.monotonic() + seconds
@@ -176,7 +225,7 @@ class OpcUaSource(DeviceAdapter):
 
     def status(self) -> dict[str, Any]:
         return {"connects": self.connects, "errors": self.errors, "notifications": self.notifications,
-                "rejected": self.rejected, "last_error": self.last_error}
+                "rejected": self.rejected, "last_error": self.last_error, **self.units_status()}
 
 
 def from_config(section: Any, base_dir: Path) -> OpcUaSource:
@@ -211,10 +260,18 @@ def from_config(section: Any, base_dir: Path) -> OpcUaSource:
     password = read_secret(section, "password", base_dir)
     if password is not None and username is None:
         raise section.error("password", "requires username")
-    info = device_info(section, [t.channel for t in tags], Technology.LINE.value)
+    channels = [t.channel for t in tags]
+    units, unit_tags = parse_units(section, channels, _unit_tag)
+    info = device_info(section, channels, Technology.LINE.value)
+    check_product(section, info, units)
     return OpcUaSource(
         info, url, tags, username=username, password=password, security=section.text("security", None),
         publishing_interval_ms=section.number("publishing_interval_ms", 500.0, positive=True, maximum=60_000),
         sampling_interval_ms=section.number("sampling_interval_ms", 100.0, minimum=0, maximum=60_000),
-        timeout_s=section.number("timeout_s", 5.0, positive=True, maximum=120),
+        timeout_s=section.number("timeout_s", 5.0, positive=True, maximum=120), units=units, unit_tags=unit_tags,
     )
+
+
+def _unit_tag(entry: Any, name: str) -> OpcTag:
+    """A tag read only for units: ``{node, scale?, offset?}``."""
+    return OpcTag(name, entry.text("node"), entry.number("scale", 1.0), entry.number("offset", 0.0))
