@@ -51,9 +51,22 @@ def test_kernel_matches_reference_on_plant_data() -> None:
         st.lists(st.floats(-1e3, 1e3) | st.sampled_from([0.0, 1.0, 7.5]), min_size=3, max_size=3), max_size=60
     ),
     warmup=st.integers(3, 20),
+    stable=st.sampled_from([1, 3, 30]),
+    recede=st.sampled_from([0.0, 0.25, 0.9]),
+    adopt=st.sampled_from([0, 4, 900]),
 )
-def test_kernel_matches_reference_property(rows: list[list[float]], warmup: int) -> None:
-    config = CoreConfig(detector="mewma", mv_warmup_samples=warmup, mv_halflife_samples=5.0)
+def test_kernel_matches_reference_property(
+    rows: list[list[float]], warmup: int, stable: int, recede: float, adopt: int
+) -> None:
+    """Random rows; short stable periods and adoption ticks drive the re-baselining branches too."""
+    config = CoreConfig(
+        detector="mewma",
+        mv_warmup_samples=warmup,
+        mv_halflife_samples=5.0,
+        mewma_stable_ticks=stable,
+        mewma_recede=recede,
+        mewma_adopt_ticks=adopt,
+    )
     got = score_table(np.array(rows, dtype=np.float64).reshape(-1, 3), ["a", "b", "c"], config)
     want = reference_scores(rows, config)
     assert list(got) == pytest.approx(want, rel=1e-6, abs=1e-6)

@@ -724,7 +724,9 @@ def mewma_tick(
     the drift half-life). Once stable and below ``P_MEWMA_RECEDE`` × peak (the excursion has come
     back most of the way), or stable after ``P_MEWMA_ADOPT`` episode ticks, the stable level is
     adopted: means = local level, the chart restarts at 0, and for ``P_MEWMA_STABLE`` ticks of
-    settling the baseline follows the local level (the score is the local chart's). O(slots × k)
+    settling the baseline follows the local level (the score is the local chart's). Receded but
+    not yet stable, the score is the local chart's too (the fault is over, the process is judged
+    by its changes until the new level can be adopted). O(slots × k)
     per tick after the warm-up (O(slots²) during it), no look-ahead.
     """
     p = last.shape[0]
@@ -773,7 +775,8 @@ def mewma_tick(
     k = int(dev[MV_K])
     limit = dev[MV_UCL_T2]
     ratio = mewma_t2(aux[:, MA_EWMA], scale, cov, eig, k, limit)
-    quiet = dev[MV_QUIET] + 1.0 if mewma_t2(aux[:, MA_LOCAL], scale, cov, eig, k, limit) < 1.0 else 0.0
+    local_ratio = mewma_t2(aux[:, MA_LOCAL], scale, cov, eig, k, limit)
+    quiet = dev[MV_QUIET] + 1.0 if local_ratio < 1.0 else 0.0
     dev[MV_QUIET] = quiet
     stable = quiet >= params[P_MEWMA_STABLE]
     if dev[MV_SETTLE] > 0.0:
@@ -783,7 +786,7 @@ def mewma_tick(
             if scale[i] > 0.0:
                 mean[i] = aux[i, MA_LEVEL]
                 aux[i, MA_EWMA] = 0.0
-        ratio = mewma_t2(aux[:, MA_LOCAL], scale, cov, eig, k, limit)
+        ratio = local_ratio
     else:
         # the local level's distance from the baseline, smoothed (weight λ/4, ~40 ticks) so that
         # the episode's peak is the level's and not a maximum of its noise
@@ -796,19 +799,23 @@ def mewma_tick(
             episode += 1.0  # an episode opens when the chart crosses its limit and counts its ticks
             if stable:
                 peak = max(peak, distance)
-                adopt = params[P_MEWMA_ADOPT]
-                if distance < params[P_MEWMA_RECEDE] * peak or (adopt > 0.0 and episode >= adopt):
-                    # the excursion has receded (or lasted long) and the process is stable: the
-                    # remaining offset is the new normal, the chart restarts on it
-                    for i in range(p):
-                        if scale[i] > 0.0:
-                            mean[i] = aux[i, MA_LEVEL]
-                            aux[i, MA_EWMA] = 0.0
-                    ratio = 0.0
-                    episode = 0.0
-                    dev[MV_SETTLE] = params[P_MEWMA_STABLE]
-                elif ratio < 1.0:
+            receded = distance < params[P_MEWMA_RECEDE] * peak
+            adopt = params[P_MEWMA_ADOPT]
+            if stable and (receded or (adopt > 0.0 and episode >= adopt)):
+                # the excursion has receded (or lasted long) and the process is stable: the
+                # remaining offset is the new normal, the chart restarts on it
+                for i in range(p):
+                    if scale[i] > 0.0:
+                        mean[i] = aux[i, MA_LEVEL]
+                        aux[i, MA_EWMA] = 0.0
+                ratio = 0.0
+                episode = 0.0
+                dev[MV_SETTLE] = params[P_MEWMA_STABLE]
+            elif stable:
+                if ratio < 1.0:
                     episode = 0.0  # back in control by itself
+            elif receded:
+                ratio = local_ratio  # came back most of the way, not stable yet: judged by its changes
         dev[MV_PEAK] = peak
         dev[MV_EPISODE] = episode
     dev[MV_SMOOTH] = ratio

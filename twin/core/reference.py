@@ -298,14 +298,15 @@ class RefMEWMA:
             self.level[i] += lam * (row[i] - self.level[i])
         self.prev = list(row)
         ratio = self._t2(self.ewma)
-        self.quiet = self.quiet + 1 if self._t2(self.local) < 1.0 else 0
+        local_ratio = self._t2(self.local)
+        self.quiet = self.quiet + 1 if local_ratio < 1.0 else 0
         stable = self.quiet >= cfg.mewma_stable_ticks
         if self.settle > 0:  # settling after an adoption: the baseline is the local level
             self.settle -= 1
             for i in live:
                 self.mean[i] = self.level[i]
                 self.ewma[i] = 0.0
-            ratio = self._t2(self.local)
+            ratio = local_ratio
         else:
             offset = [(1.0 - self.phi[i]) * (self.level[i] - self.mean[i]) for i in range(self.slots)]
             self.distance += 0.25 * lam * (self._t2(offset) - self.distance)
@@ -315,16 +316,19 @@ class RefMEWMA:
                 self.episode += 1
                 if stable:
                     self.peak = max(self.peak, distance)
-                    long_enough = cfg.mewma_adopt_ticks > 0 and self.episode >= cfg.mewma_adopt_ticks
-                    if distance < cfg.mewma_recede * self.peak or long_enough:
-                        for i in live:
-                            self.mean[i] = self.level[i]
-                            self.ewma[i] = 0.0
-                        ratio = 0.0
-                        self.episode = 0
-                        self.settle = cfg.mewma_stable_ticks
-                    elif ratio < 1.0:
-                        self.episode = 0
+                receded = distance < cfg.mewma_recede * self.peak
+                long_enough = cfg.mewma_adopt_ticks > 0 and self.episode >= cfg.mewma_adopt_ticks
+                if stable and (receded or long_enough):  # adopt the stable level
+                    for i in live:
+                        self.mean[i] = self.level[i]
+                        self.ewma[i] = 0.0
+                    ratio = 0.0
+                    self.episode = 0
+                    self.settle = cfg.mewma_stable_ticks
+                elif stable and ratio < 1.0:
+                    self.episode = 0
+                elif not stable and receded:
+                    ratio = local_ratio
         if ratio < cfg.mv_learn_gate:
             for i in live:
                 self.mean[i] += cfg.mv_alpha * (row[i] - self.mean[i])
