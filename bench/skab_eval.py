@@ -17,9 +17,10 @@ The anomaly-free file (``anomaly-free/anomaly-free.csv``, 9405 rows ≈ 2.6 h at
 the 34) is streamed too: every event opened on it is false (``anomaly_free``: events, and the
 share of its rows with an event open).
 
-The sweep (when ``mewma`` is evaluated) re-runs ``mewma`` with one setting changed at a time (λ,
-the differencing threshold r², the control limits' p value, the drift half-life, hysteresis ticks
-and its closing threshold) to show whether its figures are a knife-edge; ``--no-sweep`` skips it.
+The sweep (when ``mewma`` is evaluated) re-runs ``mewma`` with one setting changed at a time (the
+re-baselining off, its stable ticks, recede share and adoption ticks, λ, the differencing threshold
+r², the control limits' p value, the drift half-life, hysteresis ticks and its closing threshold)
+to show whether its figures are a knife-edge; ``--no-sweep`` skips it.
 
 Run: ``python bench/skab_eval.py [--data DIR] [--detector NAME] [--no-sweep]``. Progress goes to stderr; the
 last stdout line is one JSON object. Without the data directory it says so and exits 0 with
@@ -89,29 +90,38 @@ def false_events(path: Path, config: CoreConfig) -> dict[str, float]:
     return {"events": events, "open_share": round(float(active.mean()), 4)}
 
 
-SWEEP: tuple[tuple[str, float], ...] = (
-    ("mewma_lambda", 0.1),
-    ("mewma_lambda", 0.3),
-    ("mewma_integrated_r2", 0.3),
-    ("mewma_integrated_r2", 0.7),
-    ("mewma_integrated_r2", 1.0),
-    ("mv_p_value", 0.99),
-    ("mv_p_value", 0.9999),
-    ("mv_halflife_samples", 600.0),
-    ("mv_halflife_samples", 1e12),
-    ("event_min_samples", 1),
-    ("event_min_samples", 10),
-    ("event_off", 0.7),
+SWEEP: tuple[dict[str, float], ...] = (
+    {"mewma_recede": 0.0, "mewma_adopt_ticks": 0},  # no re-baselining (the detector before it)
+    {"mewma_stable_ticks": 20},
+    {"mewma_stable_ticks": 40},
+    {"mewma_recede": 0.1},
+    {"mewma_recede": 0.5},
+    {"mewma_adopt_ticks": 0},
+    {"mewma_adopt_ticks": 300},
+    {"mewma_lambda": 0.1},
+    {"mewma_lambda": 0.3},
+    {"mewma_integrated_r2": 0.3},
+    {"mewma_integrated_r2": 0.7},
+    {"mewma_integrated_r2": 1.0},
+    {"mv_p_value": 0.99},
+    {"mv_p_value": 0.9999},
+    {"mv_halflife_samples": 600.0},
+    {"mv_halflife_samples": 1e12},
+    {"event_min_samples": 1},
+    {"event_min_samples": 10},
+    {"event_off": 0.7},
 )
+INTEGER_SETTINGS = ("event_min_samples", "mewma_stable_ticks", "mewma_adopt_ticks")
 
 
 def sweep(files: list[Path]) -> list[dict[str, object]]:
-    """mewma with one default changed at a time (test part and whole file, F1 / FAR)."""
+    """mewma with one default (or the re-baselining) changed at a time (test part and whole file, F1 / FAR)."""
     out: list[dict[str, object]] = []
-    for name, value in SWEEP:
-        config = CoreConfig(detector="mewma", **{name: int(value) if name == "event_min_samples" else value})
+    for change in SWEEP:
+        settings = {name: int(value) if name in INTEGER_SETTINGS else value for name, value in change.items()}
+        config = CoreConfig(detector="mewma", **settings)  # type: ignore[arg-type]
         both = evaluate(files, config)
-        row = {"setting": f"{name}={value:g}"}
+        row: dict[str, object] = {"setting": ", ".join(f"{name}={value:g}" for name, value in change.items())}
         for protocol in ("test_part", "whole_file"):
             row[protocol] = {key: both[protocol][key] for key in ("f1", "far", "mar")}
         print(f"  sweep {row}", file=sys.stderr)

@@ -51,9 +51,22 @@ def test_kernel_matches_reference_on_plant_data() -> None:
         st.lists(st.floats(-1e3, 1e3) | st.sampled_from([0.0, 1.0, 7.5]), min_size=3, max_size=3), max_size=60
     ),
     warmup=st.integers(3, 20),
+    stable=st.sampled_from([1, 3, 30]),
+    recede=st.sampled_from([0.0, 0.25, 0.9]),
+    adopt=st.sampled_from([0, 4, 900]),
 )
-def test_kernel_matches_reference_property(rows: list[list[float]], warmup: int) -> None:
-    config = CoreConfig(detector="mewma", mv_warmup_samples=warmup, mv_halflife_samples=5.0)
+def test_kernel_matches_reference_property(
+    rows: list[list[float]], warmup: int, stable: int, recede: float, adopt: int
+) -> None:
+    """Random rows; short stable periods and adoption ticks drive the re-baselining branches too."""
+    config = CoreConfig(
+        detector="mewma",
+        mv_warmup_samples=warmup,
+        mv_halflife_samples=5.0,
+        mewma_stable_ticks=stable,
+        mewma_recede=recede,
+        mewma_adopt_ticks=adopt,
+    )
     got = score_table(np.array(rows, dtype=np.float64).reshape(-1, 3), ["a", "b", "c"], config)
     want = reference_scores(rows, config)
     assert list(got) == pytest.approx(want, rel=1e-6, abs=1e-6)
@@ -89,6 +102,57 @@ def test_drift_is_not_an_anomaly_but_a_small_shift_is() -> None:
     shifted_mewma = score_table(shifted, names, mewma)
     assert (shifted_mewma[1020:] >= 0.8).mean() > 0.9
     assert shifted_mewma[:1000].tolist() == quiet_mewma[:1000].tolist()  # no look-ahead
+
+
+def _excursion(n: int, seed: int, start: int, end: int, size: float, remainder: float) -> np.ndarray:
+    """The plant with a collective anomaly: the flow drops by ``size`` σ from ``start`` to ``end`` and
+    comes back only to ``remainder`` σ below its old level (SKAB's pump after a fault: the levels
+    have moved on)."""
+    rows = _plant(n, seed)
+    drop = np.zeros(n)
+    drop[start:end] = size
+    drop[end:] = remainder
+    rows[:, 1] -= drop
+    rows[:, 2] -= 0.05 * drop  # the current follows the flow
+    return rows
+
+
+def test_rebaselines_after_an_excursion_recedes() -> None:
+    """A 6 σ drop of the flow for 300 ticks, then back to 2 σ below the old level for good. Without
+    re-baselining (recede 0, adoption never) the chart stays alarmed after the excursion; with the
+    defaults it alarms through the excursion, and once the process has been stable for
+    ``mewma_stable_ticks`` at a level nearer than half way, it adopts that level and is quiet."""
+    names = ["t", "f", "c"]
+    rows = _excursion(1400, 5, start=500, end=800, size=6.0, remainder=2.0)
+    config = CoreConfig(detector="mewma", mv_warmup_samples=200)
+    never = CoreConfig(detector="mewma", mv_warmup_samples=200, mewma_recede=0.0, mewma_adopt_ticks=0)
+    scores = score_table(rows, names, config)
+    plain = score_table(rows, names, never)
+    assert (scores[510:800] >= 0.8).mean() > 0.95  # the excursion alarms throughout
+    assert (plain[900:] >= 0.8).mean() > 0.8  # the moved-on level alarms for ever without re-baselining
+    settled = 800 + config.mewma_stable_ticks + 30
+    assert (scores[settled:] >= 0.8).mean() < 0.01  # re-baselined: quiet on the new level
+    assert scores[:800].tolist() == plain[:800].tolist()  # nothing changes before the excursion is over
+    assert list(scores) == pytest.approx(reference_scores(rows.tolist(), config), rel=1e-7, abs=1e-9)
+    # a real anomaly on the new level still alarms: a second drop of 4 σ after the adoption
+    again = rows.copy()
+    again[1100:1250, 1] -= 4.0
+    later = score_table(again, names, config)
+    assert (later[1110:1250] >= 0.8).mean() > 0.95
+    assert list(later) == pytest.approx(reference_scores(again.tolist(), config), rel=1e-7, abs=1e-9)
+
+
+def test_a_sustained_fault_is_not_adopted_before_adopt_ticks() -> None:
+    """A shift that does not recede (a valve left half closed) stays an anomaly until it has lasted
+    ``mewma_adopt_ticks``; then the stable level is the new normal."""
+    names = ["t", "f", "c"]
+    rows = _excursion(1600, 6, start=300, end=1600, size=3.0, remainder=0.0)
+    config = CoreConfig(detector="mewma", mv_warmup_samples=200, mewma_adopt_ticks=600)
+    scores = score_table(rows, names, config)
+    assert (scores[320:900] >= 0.8).mean() > 0.95
+    assert (scores[1000:] >= 0.8).mean() < 0.01
+    default = score_table(rows, names, CoreConfig(detector="mewma", mv_warmup_samples=200))
+    assert (default[320:1150] >= 0.8).mean() > 0.95 and (default[1300:] >= 0.8).mean() < 0.01  # 900 ticks
 
 
 def test_edge_cases_constant_missing_and_nonfinite() -> None:
@@ -159,8 +223,8 @@ def test_memory_only_when_mewma() -> None:
     pca = FleetCore(max_devices=10, channels_per_device=20, config=CoreConfig(detector="pca"))
     mewma = FleetCore(max_devices=10, channels_per_device=20, config=CoreConfig(detector="mewma"))
     assert pca.mv_lag.size == 0 and pca.mv_aux.size == 0
-    # pca's state plus slots² lag co-moments and four values per slot, float64
-    assert mewma.state_bytes() - pca.state_bytes() == 10 * (20 * 20 + 4 * 20) * 8
+    # pca's state plus slots² lag co-moments and six values per slot, float64
+    assert mewma.state_bytes() - pca.state_bytes() == 10 * (20 * 20 + 6 * 20) * 8
     assert plain.state_bytes() < pca.state_bytes()
 
 

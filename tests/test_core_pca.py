@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from twin.core import CoreConfig, FleetCore
 from twin.core.detectors import MultivariateDetector
-from twin.core.layout import MV_K, MV_N, MV_UCL_Q, MV_UCL_T2
+from twin.core.layout import MV_FIELDS, MV_K, MV_N, MV_UCL_Q, MV_UCL_T2
 from twin.core.offline import score_table
 from twin.core.reference import ReferenceFleet, reference_scores
 
@@ -138,7 +138,7 @@ def test_memory_only_when_multivariate() -> None:
     pca = FleetCore(max_devices=10, channels_per_device=20, config=CoreConfig(detector="pca"))
     assert plain.mv_cov.size == 0
     # slots² co-moments/axes plus four slot vectors and the device fields, float64
-    assert pca.state_bytes() - plain.state_bytes() == 10 * (20 * 20 + 4 * 20 + 5) * 8
+    assert pca.state_bytes() - plain.state_bytes() == 10 * (20 * 20 + 4 * 20 + MV_FIELDS) * 8
 
 
 def test_snapshot_without_multivariate_arrays_still_restores() -> None:

@@ -115,6 +115,18 @@ class CoreConfig:
         mewma_integrated_r2: a channel whose previous value explains at least this share of its
             warm-up variance (lag-1 autocorrelation φ with φ² >= this) is judged by its changes
             (φ = 1, differenced): its level is a slow drift the warm-up cannot know.
+        mewma_stable_ticks: re-baselining after an alarm episode. The same chart restarted on the
+            local level (an EWMA of the values with weight λ) judges whether the process is stable:
+            in control for this many ticks in a row (30 ≈ three memories of the level; 0.8³⁰ =
+            0.1 % of a level before the plateau is left in it). Also the ticks of settling after
+            an adoption (the baseline follows the local level meanwhile).
+        mewma_recede: an episode is over, and the stable level adopted as the new baseline, once
+            the stable level's distance from the baseline (T² in the chart's units) is below this
+            share of the episode's largest stable distance (0.25: the excursion has come back at
+            least half way); that peak fades at ``mv_halflife_samples``.
+        mewma_adopt_ticks: an episode this many ticks long adopts its stable level anyway (900 =
+            the univariate ``incident_adopt_s`` at 1 Hz: a level held for 15 min is the new
+            normal); 0 = never.
     """
 
     windows: tuple[WindowSpec, ...] = (WindowSpec(900, 60), WindowSpec(3600, 300), WindowSpec(86400, 3600))
@@ -147,6 +159,9 @@ class CoreConfig:
     mv_learn_gate: float = 0.5
     mewma_lambda: float = 0.2
     mewma_integrated_r2: float = 0.5
+    mewma_stable_ticks: int = 30
+    mewma_recede: float = 0.25
+    mewma_adopt_ticks: int = 900
 
     def __post_init__(self) -> None:
         if self.detector not in DETECTORS:
@@ -187,6 +202,8 @@ class CoreConfig:
             raise ValueError("mv_smoothing must be in (0, 1], mv_halflife_samples above 1, mv_learn_gate >= 0")
         if not 0 < self.mewma_lambda <= 1 or not 0 < self.mewma_integrated_r2 <= 1:
             raise ValueError("mewma_lambda and mewma_integrated_r2 must be in (0, 1]")
+        if self.mewma_stable_ticks < 1 or not 0 <= self.mewma_recede <= 1 or self.mewma_adopt_ticks < 0:
+            raise ValueError("mewma_stable_ticks must be at least 1, mewma_recede in [0, 1], mewma_adopt_ticks >= 0")
 
     @property
     def multivariate(self) -> bool:

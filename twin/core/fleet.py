@@ -91,8 +91,11 @@ from twin.core.layout import (
     P_HISTORICAL,
     P_HOLD_MS,
     P_LEARN_GATE,
+    P_MEWMA_ADOPT,
     P_MEWMA_LAMBDA,
     P_MEWMA_R2,
+    P_MEWMA_RECEDE,
+    P_MEWMA_STABLE,
     P_MV_ALPHA,
     P_MV_EXPLAINED,
     P_MV_GATE,
@@ -209,6 +212,9 @@ def _params(config: CoreConfig) -> np.ndarray:
     params[P_MV_SCORE_BASE] = 1.0 - config.event_on
     params[P_MEWMA_LAMBDA] = config.mewma_lambda
     params[P_MEWMA_R2] = config.mewma_integrated_r2
+    params[P_MEWMA_STABLE] = config.mewma_stable_ticks
+    params[P_MEWMA_RECEDE] = config.mewma_recede
+    params[P_MEWMA_ADOPT] = config.mewma_adopt_ticks
     # the hot loop keeps each channel's statistic q and compares it with these thresholds; the
     # score q / (q + z_scale²) is only computed when someone reads it
     z_scale2 = config.z_scale**2

@@ -63,11 +63,18 @@ from twin.core.layout import (
     LV_OFFSET,
     LV_ORIGIN_MS,
     MA_EWMA,
+    MA_LEVEL,
+    MA_LOCAL,
     MA_PHI,
     MA_PREV,
     MA_SHIFT,
+    MV_DISTANCE,
+    MV_EPISODE,
     MV_K,
     MV_N,
+    MV_PEAK,
+    MV_QUIET,
+    MV_SETTLE,
     MV_SMOOTH,
     MV_UCL_Q,
     MV_UCL_T2,
@@ -87,8 +94,11 @@ from twin.core.layout import (
     P_HISTORICAL,
     P_HOLD_MS,
     P_LEARN_GATE,
+    P_MEWMA_ADOPT,
     P_MEWMA_LAMBDA,
     P_MEWMA_R2,
+    P_MEWMA_RECEDE,
+    P_MEWMA_STABLE,
     P_MV_ALPHA,
     P_MV_EXPLAINED,
     P_MV_GATE,
@@ -620,6 +630,8 @@ def mewma_fit(
         scale[i] = 0.0
         aux[i, MA_PHI] = 0.0
         aux[i, MA_EWMA] = 0.0
+        aux[i, MA_LOCAL] = 0.0
+        aux[i, MA_LEVEL] = aux[i, MA_PREV]  # the local level starts at the last warm-up row
         if not active[i]:
             mean[i] = 0.0
             continue
@@ -669,6 +681,44 @@ def mewma_fit(
     dev[MV_UCL_T2] = chi2_quantile(float(k), params[P_MV_Z]) * lam / (2.0 - lam) if k > 0 else 0.0
     dev[MV_UCL_Q] = 0.0
     dev[MV_SMOOTH] = 0.0
+    dev[MV_QUIET] = 0.0
+    dev[MV_DISTANCE] = 0.0
+    dev[MV_PEAK] = 0.0
+    dev[MV_EPISODE] = 0.0
+    dev[MV_SETTLE] = 0.0
+
+
+@njit(**NJIT_OPTIONS)
+def mewma_t2(vector: np.ndarray, scale: np.ndarray, cov: np.ndarray, eig: np.ndarray, k: int, limit: float) -> float:
+    """T² / limit of a residual-scale vector in the chart's metric: Σ_j<k (axis_j·(v/s))² / eig_j."""
+    if limit <= 0.0:
+        return 0.0
+    t2 = 0.0
+    for j in range(k):
+        projection = 0.0
+        for i in range(vector.shape[0]):
+            if scale[i] > 0.0:
+                projection += cov[i, j] * (vector[i] / scale[i])
+        t2 += projection * projection / eig[j]
+    return min(t2 / limit, Q_CAP)
+
+
+@njit(**NJIT_OPTIONS)
+def mewma_offset_t2(
+    aux: np.ndarray, mean: np.ndarray, scale: np.ndarray, cov: np.ndarray, eig: np.ndarray, k: int, limit: float
+) -> float:
+    """T² / limit of the local level's offset from the baseline as the chart sees it in steady
+    state, (1 − φ)(level − mean): the distance of a stable level from the baseline."""
+    if limit <= 0.0:
+        return 0.0
+    t2 = 0.0
+    for j in range(k):
+        projection = 0.0
+        for i in range(mean.shape[0]):
+            if scale[i] > 0.0:
+                projection += cov[i, j] * ((1.0 - aux[i, MA_PHI]) * (aux[i, MA_LEVEL] - mean[i]) / scale[i])
+        t2 += projection * projection / eig[j]
+    return min(t2 / limit, Q_CAP)
 
 
 @njit(**NJIT_OPTIONS)
@@ -691,8 +741,20 @@ def mewma_tick(
     of the shifted rows, their products and their lag-1 products; then :func:`mewma_fit`. After it:
     e_i = (x_i − mean_i) − φ_i (x_prev,i − mean_i), Z = λe + (1−λ)Z, T² = Σ_j<k (axis_j·(Z/s))² /
     eig_j, r = T² / limit, score = 1 − base**r (base = 1 − event_on: r = 1 scores event_on). The
-    means follow slow drifts while r is below the learning gate. O(slots × k) per tick after the
-    warm-up (O(slots²) during it), no look-ahead.
+    means follow slow drifts while r is below the learning gate.
+
+    Re-baselining after an episode (r ≥ 1 opens one): the same chart restarted on a local level
+    (an EWMA of the values, weight λ) judges stability — the process is stable once that local
+    chart has been in control for ``P_MEWMA_STABLE`` ticks. The local level's distance from the
+    baseline (T²/limit of (1 − φ)(level − mean), the chart's steady state, smoothed with weight
+    λ/4) is tracked; its largest stable value in the episode is the excursion's peak (fading at
+    the drift half-life). Once stable and below ``P_MEWMA_RECEDE`` × peak (the excursion has come
+    back most of the way), or stable after ``P_MEWMA_ADOPT`` episode ticks, the stable level is
+    adopted: means = local level, the chart restarts at 0, and for ``P_MEWMA_STABLE`` ticks of
+    settling the baseline follows the local level (the score is the local chart's). Receded but
+    not yet stable, the score is the local chart's too (the fault is over, the process is judged
+    by its changes until the new level can be adopted). O(slots × k)
+    per tick after the warm-up (O(slots²) during it), no look-ahead.
     """
     p = last.shape[0]
     for i in range(p):
@@ -728,20 +790,61 @@ def mewma_tick(
     lam = params[P_MEWMA_LAMBDA]
     for i in range(p):
         if scale[i] > 0.0:
-            residual = (last[i] - mean[i]) - aux[i, MA_PHI] * (aux[i, MA_PREV] - mean[i])
+            phi = aux[i, MA_PHI]
+            residual = (last[i] - mean[i]) - phi * (aux[i, MA_PREV] - mean[i])
             aux[i, MA_EWMA] = lam * residual + (1.0 - lam) * aux[i, MA_EWMA]
+            # the same chart restarted on the local level: it judges whether the process is stable
+            level = aux[i, MA_LEVEL]
+            local = (last[i] - level) - phi * (aux[i, MA_PREV] - level)
+            aux[i, MA_LOCAL] = lam * local + (1.0 - lam) * aux[i, MA_LOCAL]
+            aux[i, MA_LEVEL] = level + lam * (last[i] - level)
         aux[i, MA_PREV] = last[i]
     k = int(dev[MV_K])
-    t2 = 0.0
-    for j in range(k):
-        projection = 0.0
+    limit = dev[MV_UCL_T2]
+    ratio = mewma_t2(aux[:, MA_EWMA], scale, cov, eig, k, limit)
+    local_ratio = mewma_t2(aux[:, MA_LOCAL], scale, cov, eig, k, limit)
+    quiet = dev[MV_QUIET] + 1.0 if local_ratio < 1.0 else 0.0
+    dev[MV_QUIET] = quiet
+    stable = quiet >= params[P_MEWMA_STABLE]
+    if dev[MV_SETTLE] > 0.0:
+        # settling after an adoption: the baseline is the local level, the chart the local chart
+        dev[MV_SETTLE] -= 1.0
         for i in range(p):
             if scale[i] > 0.0:
-                projection += cov[i, j] * (aux[i, MA_EWMA] / scale[i])
-        t2 += projection * projection / eig[j]
-    ratio = 0.0
-    if dev[MV_UCL_T2] > 0.0:
-        ratio = min(t2 / dev[MV_UCL_T2], Q_CAP)
+                mean[i] = aux[i, MA_LEVEL]
+                aux[i, MA_EWMA] = 0.0
+        ratio = local_ratio
+    else:
+        # the local level's distance from the baseline, smoothed (weight λ/4, ~40 ticks) so that
+        # the episode's peak is the level's and not a maximum of its noise
+        distance = dev[MV_DISTANCE]
+        distance += 0.25 * lam * (mewma_offset_t2(aux, mean, scale, cov, eig, k, limit) - distance)
+        dev[MV_DISTANCE] = distance
+        peak = dev[MV_PEAK] * (1.0 - params[P_MV_ALPHA])  # fades at the drift half-life
+        episode = dev[MV_EPISODE]
+        if ratio >= 1.0 or episode > 0.0:
+            episode += 1.0  # an episode opens when the chart crosses its limit and counts its ticks
+            if stable:
+                peak = max(peak, distance)
+            receded = distance < params[P_MEWMA_RECEDE] * peak
+            adopt = params[P_MEWMA_ADOPT]
+            if stable and (receded or (adopt > 0.0 and episode >= adopt)):
+                # the excursion has receded (or lasted long) and the process is stable: the
+                # remaining offset is the new normal, the chart restarts on it
+                for i in range(p):
+                    if scale[i] > 0.0:
+                        mean[i] = aux[i, MA_LEVEL]
+                        aux[i, MA_EWMA] = 0.0
+                ratio = 0.0
+                episode = 0.0
+                dev[MV_SETTLE] = params[P_MEWMA_STABLE]
+            elif stable:
+                if ratio < 1.0:
+                    episode = 0.0  # back in control by itself
+            elif receded:
+                ratio = local_ratio  # came back most of the way, not stable yet: judged by its changes
+        dev[MV_PEAK] = peak
+        dev[MV_EPISODE] = episode
     dev[MV_SMOOTH] = ratio
     if ratio < params[P_MV_GATE]:
         alpha = params[P_MV_ALPHA]

@@ -175,7 +175,10 @@ P_NULL_Q: Final = 28  # mean channel statistic of a calibrated channel without a
 # the multivariate EWMA (MEWMA) device detector on per-channel AR(1) residuals
 P_MEWMA_LAMBDA: Final = 29  # EWMA weight of the residual vector
 P_MEWMA_R2: Final = 30  # a channel whose previous value explains at least this share of its variance is differenced
-P_FIELDS: Final = 31
+P_MEWMA_STABLE: Final = 31  # ticks the chart around the local level must stay in control: the process is stable
+P_MEWMA_RECEDE: Final = 32  # an episode is over once its stable distance is below this share of its peak
+P_MEWMA_ADOPT: Final = 33  # an episode this many ticks long adopts its stable level anyway (0 = never)
+P_FIELDS: Final = 34
 
 DET_ZSCORE: Final = 1
 DET_CUSUM: Final = 2
@@ -206,7 +209,15 @@ MV_K: Final = 1  # principal components kept
 MV_UCL_T2: Final = 2  # control limit of Hotelling's T² in the principal subspace
 MV_UCL_Q: Final = 3  # control limit of Q (SPE) in the residual subspace; 0 = no residual subspace
 MV_SMOOTH: Final = 4  # EWMA of max(T²/limit, Q/limit)
-MV_FIELDS: Final = 5
+# ``mewma`` only (re-baselining after an episode): ticks the local chart has been in control, the
+# smoothed distance of the local level from the baseline, the fading peak of its stable values in
+# the open episode, ticks of the open episode (0 = none), ticks of settling left after an adoption
+MV_QUIET: Final = 5
+MV_DISTANCE: Final = 6
+MV_PEAK: Final = 7
+MV_EPISODE: Final = 8
+MV_SETTLE: Final = 9
+MV_FIELDS: Final = 10
 # ``mewma`` uses the same arrays (mv_mean: Σ of the shifted rows during the warm-up, the means after;
 # mv_scale: residual scales; mv_cov: Σ y yᵀ of the shifted rows, then the axes of the residual
 # correlation; mv_eig: its eigenvalues; MV_K: directions kept, MV_UCL_T2: the limit of the chart's T²,
@@ -216,7 +227,9 @@ MA_SHIFT: Final = 0  # the first complete row: the warm-up sums are of y = x - s
 MA_PREV: Final = 1  # the previous complete tick's value
 MA_PHI: Final = 2  # AR(1) coefficient (1 = the channel is differenced)
 MA_EWMA: Final = 3  # the EWMA of the channel's residual
-MA_FIELDS: Final = 4
+MA_LEVEL: Final = 4  # the local level: an EWMA (weight λ) of the channel's values
+MA_LOCAL: Final = 5  # the EWMA of the channel's residual around its local level (the local chart)
+MA_FIELDS: Final = 6
 
 # ---- stats[S] (int64) ----------------------------------------------------------------------------
 ST_ACCEPTED: Final = 0

@@ -215,6 +215,25 @@ class RefMEWMA:
     ewma: list[float] = field(default_factory=list)
     prev: list[float] = field(default_factory=list)
     n: int = 0
+    # re-baselining after an episode: the local level, the chart around it, ticks it has been in
+    # control, the episode's (fading) peak stable distance, its length (0 = none), settling left
+    level: list[float] = field(default_factory=list)
+    local: list[float] = field(default_factory=list)
+    quiet: int = 0
+    distance: float = 0.0
+    peak: float = 0.0
+    episode: int = 0
+    settle: int = 0
+
+    def _t2(self, vector: list[float]) -> float:
+        """T² / limit of a residual-scale vector in the chart's metric (capped)."""
+        if self.limit <= 0:
+            return 0.0
+        t2 = 0.0
+        for axis, e in zip(self.axes, self.eig, strict=True):
+            projection = sum(axis[i] * vector[i] / self.scale[i] for i in range(self.slots) if self.scale[i] > 0)
+            t2 += projection * projection / e
+        return min(t2 / self.limit, Q_CAP)
 
     def _fit(self, cfg: CoreConfig, active: list[int]) -> None:
         n = len(self.rows)
@@ -254,6 +273,8 @@ class RefMEWMA:
         lam = cfg.mewma_lambda
         self.limit = chi2_quantile(k, z) * lam / (2 - lam) if k else 0.0
         self.ewma = [0.0] * p
+        self.local = [0.0] * p
+        self.level = list(self.rows[-1])  # the local level starts at the last warm-up row
 
     def tick(self, row: list[float], active: list[int], cfg: CoreConfig) -> float:
         """Score of one complete row (``row[i]`` for every slot; only ``active`` slots are channels)."""
@@ -268,20 +289,49 @@ class RefMEWMA:
             return 0.0
         self.n += 1
         lam = cfg.mewma_lambda
-        for i in range(self.slots):
-            if self.scale[i] > 0:
-                residual = (row[i] - self.mean[i]) - self.phi[i] * (self.prev[i] - self.mean[i])
-                self.ewma[i] = lam * residual + (1 - lam) * self.ewma[i]
+        live = [i for i in range(self.slots) if self.scale[i] > 0]
+        for i in live:
+            residual = (row[i] - self.mean[i]) - self.phi[i] * (self.prev[i] - self.mean[i])
+            self.ewma[i] = lam * residual + (1 - lam) * self.ewma[i]
+            local = (row[i] - self.level[i]) - self.phi[i] * (self.prev[i] - self.level[i])
+            self.local[i] = lam * local + (1 - lam) * self.local[i]
+            self.level[i] += lam * (row[i] - self.level[i])
         self.prev = list(row)
-        t2 = 0.0
-        for axis, e in zip(self.axes, self.eig, strict=True):
-            projection = sum(axis[i] * self.ewma[i] / self.scale[i] for i in range(self.slots) if self.scale[i] > 0)
-            t2 += projection * projection / e
-        ratio = min(t2 / self.limit, Q_CAP) if self.limit > 0 else 0.0
+        ratio = self._t2(self.ewma)
+        local_ratio = self._t2(self.local)
+        self.quiet = self.quiet + 1 if local_ratio < 1.0 else 0
+        stable = self.quiet >= cfg.mewma_stable_ticks
+        if self.settle > 0:  # settling after an adoption: the baseline is the local level
+            self.settle -= 1
+            for i in live:
+                self.mean[i] = self.level[i]
+                self.ewma[i] = 0.0
+            ratio = local_ratio
+        else:
+            offset = [(1.0 - self.phi[i]) * (self.level[i] - self.mean[i]) for i in range(self.slots)]
+            self.distance += 0.25 * lam * (self._t2(offset) - self.distance)
+            distance = self.distance
+            self.peak *= 1.0 - cfg.mv_alpha
+            if ratio >= 1.0 or self.episode > 0:
+                self.episode += 1
+                if stable:
+                    self.peak = max(self.peak, distance)
+                receded = distance < cfg.mewma_recede * self.peak
+                long_enough = cfg.mewma_adopt_ticks > 0 and self.episode >= cfg.mewma_adopt_ticks
+                if stable and (receded or long_enough):  # adopt the stable level
+                    for i in live:
+                        self.mean[i] = self.level[i]
+                        self.ewma[i] = 0.0
+                    ratio = 0.0
+                    self.episode = 0
+                    self.settle = cfg.mewma_stable_ticks
+                elif stable and ratio < 1.0:
+                    self.episode = 0
+                elif not stable and receded:
+                    ratio = local_ratio
         if ratio < cfg.mv_learn_gate:
-            for i in range(self.slots):
-                if self.scale[i] > 0:
-                    self.mean[i] += cfg.mv_alpha * (row[i] - self.mean[i])
+            for i in live:
+                self.mean[i] += cfg.mv_alpha * (row[i] - self.mean[i])
         base = 1.0 - cfg.event_on
         if base <= 0:
             return 1.0 if ratio > 0 else 0.0
