@@ -6,7 +6,8 @@ Every request carries a ``correlation_id`` which the response repeats. Supported
     ``{}`` → agent version, stream epoch, uptime, this device's counters and the spool's.
 ``set_config``
     ``{"rate_hz": 2, "channels": ["state", "nozzle_temp"], "batch_max_samples": 500, "batch_window_s": 0.5}``
-    and source-specific keys (the line simulator takes ``product_model``/``product_revision``).
+    and source-specific keys (the line simulator and OPC UA / Modbus line stations take
+    ``product_model``/``product_revision``).
     Everything is checked before anything changes; a new birth message announces the result and a
     ``config_applied`` event records it. Batch settings apply to the whole agent.
 ``dispatch_job``
