@@ -218,3 +218,13 @@ def test_set_config_changes_the_revision_of_a_station() -> None:
     assert source.info.product_model == "MW-20"
     with pytest.raises(CommandError, match="does not support setting 'warp'"):
         source.set_config(source.info.key, {"warp": 1})
+
+
+def test_a_revision_set_before_the_source_runs_is_announced_when_it_starts() -> None:
+    source = opcua.from_config(opcua_section({"trigger": "produced_total", "serial": {"node": "n"}}), Path("."))
+    sink = RecordingSink()
+    stream = sink.stream(source.info)  # the agent opens every stream before its sources run
+    source.set_config(source.info.key, {"product_model": "MW-30", "product_revision": "A"})
+    assert stream.births == []
+    source.open_stream(sink)
+    assert [(b.product_model, b.product_revision) for b in stream.births] == [("MW-30", "A")]
