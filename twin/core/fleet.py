@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import mmap
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -182,6 +183,25 @@ def _aligned_zeros(shape: tuple[int, ...], dtype: type[np.generic], align: int =
     return raw[start : start + count * itemsize].view(dtype).reshape(shape)
 
 
+_HUGE_PAGE = 2 << 20
+
+
+def _state_zeros(shape: tuple[int, ...], dtype: type[np.generic]) -> np.ndarray:
+    """Zeros for a state array: a large one in an anonymous mapping advised to use transparent huge
+    pages (2 MB), so that samples of random devices do not each miss the TLB (a page walk per
+    sample: the random pattern ran 30-40 % slower on 4 kB pages); small ones as
+    :func:`_aligned_zeros`. Both start on a cache-line boundary."""
+    itemsize = np.dtype(dtype).itemsize
+    nbytes = int(np.prod(shape)) * itemsize
+    if nbytes < _HUGE_PAGE or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return _aligned_zeros(shape, dtype)
+    area = mmap.mmap(-1, nbytes + _HUGE_PAGE)  # zero-filled; the array keeps the mapping alive
+    area.madvise(mmap.MADV_HUGEPAGE)
+    raw = np.frombuffer(area, dtype=np.uint8)
+    start = (-raw.ctypes.data) % _HUGE_PAGE
+    return raw[start : start + nbytes].view(dtype).reshape(shape)
+
+
 def _params(config: CoreConfig) -> np.ndarray:
     params = np.zeros(P_FIELDS, dtype=np.float64)
     params[P_ALPHA] = config.alpha
@@ -311,20 +331,21 @@ class FleetCore:
         n_channels = self.channels_per_device
         n_buckets = int(self._levels[:, LV_COUNT].sum())
         depth = self.config.reorder_depth
-        self.role = np.zeros((capacity, n_channels), dtype=np.int8)
-        self.chan = _aligned_zeros((capacity, n_channels, CH_FIELDS), np.float64)
+        self.role = _state_zeros((capacity, n_channels), np.int8)
+        self.chan = _state_zeros((capacity, n_channels, CH_FIELDS), np.float64)
         self.chan[:, :, CH_LAST_T] = -np.inf
         self.chan[:, :, CH_LAST_X] = np.nan
         self.chan[:, :, CH_CUSUM_REGIME] = -1.0
-        self.devf = np.zeros((capacity, DF_FIELDS), dtype=np.float64)
+        self.devf = _state_zeros((capacity, DF_FIELDS), np.float64)
         self.devf[:, DF_PLANNED_CYCLE_S] = np.nan
-        self.devi = np.zeros((capacity, DI_FIELDS), dtype=np.int64)
+        self.devi = _state_zeros((capacity, DI_FIELDS), np.int64)
         self.devi[:, DI_COUNTER_T : DI_COUNTER_T + 3] = -1
         self.devi[:, DI_LAYER_T] = -1
-        self.st_t = np.zeros((capacity, depth), dtype=np.int64)
-        self.st_code = np.zeros((capacity, depth), dtype=np.int8)
-        self.bid = np.full((capacity, n_buckets), -1, dtype=np.int32)
-        self.bval = np.zeros((capacity, n_buckets, BV_FIELDS), dtype=np.int32)
+        self.st_t = _state_zeros((capacity, depth), np.int64)
+        self.st_code = _state_zeros((capacity, depth), np.int8)
+        self.bid = _state_zeros((capacity, n_buckets), np.int32)
+        self.bid[:] = -1
+        self.bval = _state_zeros((capacity, n_buckets, BV_FIELDS), np.int32)
         # the multivariate detector's state exists only when it is the detector (slots² per device)
         width = n_channels if self.config.multivariate else 0
         self.mv_last = np.full((capacity, width), np.nan)

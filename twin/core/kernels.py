@@ -12,11 +12,16 @@ work in whole milliseconds, so every time sum is an exact integer whatever the a
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from llvmlite import ir
+from numba import config as numba_config
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 from twin.core.config import NJIT_INLINE, NJIT_OPTIONS
 from twin.core.layout import (
     BV_BUSY_MS,
+    BV_FIELDS,
     BV_GOOD,
     BV_KNOWN_MS,
     BV_PRODUCED,
@@ -26,6 +31,7 @@ from twin.core.layout import (
     CH_CUSUM_POS,
     CH_CUSUM_REGIME,
     CH_EWMA,
+    CH_FIELDS,
     CH_LAST_T,
     CH_LAST_X,
     CH_Q,
@@ -132,6 +138,40 @@ from twin.core.layout import (
     ST_NONFINITE,
     ST_VALUE,
 )
+
+# The batch driver asks for the state of the sample PREFETCH_AHEAD places ahead while it works on
+# this one: the random pattern touches a different device per sample (state far larger than the
+# caches), the arrival pattern a new device per message.
+PREFETCH_AHEAD = 64
+
+
+def _prefetch_codegen(context, builder, signature, args):
+    array = context.make_array(signature.args[0])(context, builder, args[0])
+    index = context.cast(builder, args[1], signature.args[1], types.intp)
+    address = builder.bitcast(builder.gep(array.data, [index]), ir.IntType(8).as_pointer())
+    i32 = ir.IntType(32)
+    fnty = ir.FunctionType(ir.VoidType(), [address.type, i32, i32, i32])
+    fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
+    # read, keep in every cache level, data cache
+    builder.call(fn, [address, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+    return context.get_dummy_value()
+
+
+if getattr(numba_config, "DISABLE_JIT", False):
+
+    def prefetch(array: np.ndarray, index: int) -> None:
+        """No-op when the kernels run as plain Python."""
+
+else:
+
+    @intrinsic
+    def prefetch(typingctx, array, index):
+        """Software prefetch of the cache line holding ``array.flat[index]`` (C-contiguous ``array``;
+        a hint: never faults, loads nothing into a register). numba has no prefetch of its own."""
+        if not isinstance(array, types.Array) or not isinstance(index, types.Integer):
+            return None
+        return types.void(array, index), _prefetch_codegen
+
 
 LEARN_CLIP = 3.0
 CALIBRATION_SLACK = 3.0  # how much hotter than calibrated a device's channel sum may run, see below
@@ -1116,6 +1156,30 @@ def counter_sample(
 # ================================================================================================
 
 
+@njit(**NJIT_INLINE)
+def prefetch_device(d: int, devf: np.ndarray, devi: np.ndarray, st_code: np.ndarray) -> None:
+    """Prefetch the per-device state every sample of device ``d`` touches (besides its channel's row)."""
+    prefetch(devf, d * devf.shape[1])
+    prefetch(devf, d * devf.shape[1] + devf.shape[1] - 1)
+    prefetch(devi, d * devi.shape[1])
+    prefetch(devi, d * devi.shape[1] + devi.shape[1] - 1)
+    prefetch(st_code, d * st_code.shape[1])
+
+
+@njit(**NJIT_INLINE)
+def prefetch_timeline(d: int, st_t: np.ndarray, bid: np.ndarray, bval: np.ndarray, lvc: np.ndarray) -> None:
+    """Prefetch what a state or counter sample of device ``d`` touches: its state timeline and, on
+    every level, the bucket the batch is in (where nearly all of its samples go)."""
+    prefetch(st_t, d * st_t.shape[1])
+    prefetch(st_t, d * st_t.shape[1] + st_t.shape[1] - 1)
+    n_buckets = bid.shape[1]
+    for lv in range(lvc.shape[0]):
+        cell = d * n_buckets + lvc[lv, LC_SLOT]
+        prefetch(bid, cell)
+        prefetch(bval, cell * BV_FIELDS)
+        prefetch(bval, cell * BV_FIELDS + BV_FIELDS - 1)
+
+
 @njit(**NJIT_OPTIONS)
 def ingest_batch(
     device: np.ndarray,
@@ -1178,6 +1242,7 @@ def ingest_batch(
     gated_factor = params[P_GATED_FACTOR]
     adopt_us = params[P_ADOPT_US]
     lvc = new_level_cache(levels)
+    prefetched = -1
     # counters in registers, written back once per batch (a counter in memory would chain every
     # sample to the previous one through a store and a load)
     n_accepted = 0
@@ -1205,6 +1270,27 @@ def ingest_batch(
             d = device[i]
             c = channel[i]
             t = t_us[i]
+            # two stages: the role of a sample 2·PREFETCH_AHEAD ahead, then (its line in the cache by
+            # now) whether the sample PREFETCH_AHEAD ahead is a state or counter sample that needs
+            # the device's timeline and buckets too
+            far = i + 2 * PREFETCH_AHEAD
+            if far < n:
+                d_far = device[far]
+                if 0 <= d_far < n_devices:
+                    prefetch(role, d_far * n_channels)
+            ahead = i + PREFETCH_AHEAD
+            if ahead < n:
+                d_ahead = device[ahead]
+                c_ahead = channel[ahead]
+                if 0 <= d_ahead < n_devices and 0 <= c_ahead < n_channels:
+                    cell = (d_ahead * n_channels + c_ahead) * CH_FIELDS  # the channel's two cache lines
+                    prefetch(chan, cell)
+                    prefetch(chan, cell + CH_FIELDS - 1)
+                    if d_ahead != prefetched:
+                        prefetched = d_ahead
+                        prefetch_device(d_ahead, devf, devi, st_code)
+                    if ROLE_STATE <= role[d_ahead, c_ahead] <= ROLE_SCRAP:
+                        prefetch_timeline(d_ahead, st_t, bid, bval, lvc)
         else:
             d = -1
             c = -1
