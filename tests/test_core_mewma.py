@@ -15,7 +15,7 @@ from test_core_reference import samples as ref_samples
 
 from twin.core import CoreConfig, FleetCore
 from twin.core.detectors import MultivariateDetector, StreamingDetector
-from twin.core.layout import MA_PHI, MV_K, MV_N, MV_UCL_T2
+from twin.core.layout import MA_LEVEL, MA_LOCAL, MA_PHI, MA_PREV, MV_K, MV_N, MV_UCL_T2
 from twin.core.offline import score_table
 from twin.core.reference import ReferenceFleet, reference_scores
 
@@ -198,6 +198,44 @@ def test_fleet_events_and_snapshot_with_mewma() -> None:
     reference = ReferenceFleet([["t", "f", "c"]], SMALL)
     reference.ingest([(0, c, T0 + i * S, float(rows[i, c])) for i in range(400) for c in range(3)])
     assert [(e.phase, e.t_us) for e in events] == [(p, t) for _, p, t, _ in reference.events]
+
+
+def test_snapshot_from_before_the_rebaselining_fields_restores() -> None:
+    """A mewma snapshot written before the re-baselining fields existed (5 device fields, 4 per
+    channel) restores: the old fields as they were, no episode open, the local level at the last
+    complete row (as the fit leaves it), and the restored core keeps scoring."""
+    import io
+
+    rows = _plant(400, 5, shift_at=300, shift=4.0)
+    core = FleetCore(max_devices=1, channels_per_device=3, config=SMALL)
+    d = core.add_device("acme/s/a/p1", technology="FDM", channels=["t", "f", "c"])
+
+    def send(target: FleetCore, lo: int, hi: int) -> None:
+        block = rows[lo:hi]
+        t = T0 + np.repeat(np.arange(lo, hi), 3) * S
+        target.ingest(np.zeros(block.size, np.int32), np.tile(np.arange(3, dtype=np.int32), hi - lo), t, block.ravel())
+
+    send(core, 0, 200)
+    assert core.mv_dev[d, MV_K] > 0  # fitted
+    blob = core.snapshot()
+    magic = b"FLCORE1\n"
+    size = int.from_bytes(blob[len(magic) : len(magic) + 8], "little")
+    header = blob[len(magic) + 8 : len(magic) + 8 + size]
+    with np.load(io.BytesIO(blob[len(magic) + 8 + size :])) as data:
+        arrays = {name: data[name] for name in data.files}
+    arrays["mv_dev"] = arrays["mv_dev"][:, :5]
+    arrays["mv_aux"] = arrays["mv_aux"][:, :, :4]
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    restored = FleetCore.restore(magic + len(header).to_bytes(8, "little") + header + buffer.getvalue())
+    np.testing.assert_array_equal(restored.mv_dev[d, :5], core.mv_dev[d, :5])
+    assert not restored.mv_dev[d, 5:].any()  # no episode open
+    np.testing.assert_array_equal(restored.mv_aux[d, :, :4], core.mv_aux[d, :, :4])
+    np.testing.assert_array_equal(restored.mv_aux[d, :, MA_LEVEL], core.mv_aux[d, :, MA_PREV])
+    assert not restored.mv_aux[d, :, MA_LOCAL].any()
+    send(restored, 200, 400)
+    assert restored.drain_events()[0].phase == "start"  # the flow drop at row 300 still alarms
+    assert restored.kpis(d)["anomaly_score"] > 0.8  # type: ignore[operator]
 
 
 def test_multivariate_detector_contract() -> None:

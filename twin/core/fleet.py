@@ -73,6 +73,8 @@ from twin.core.layout import (
     LV_OFFSET,
     LV_ORIGIN_MS,
     MA_FIELDS,
+    MA_LEVEL,
+    MA_PREV,
     MV_FIELDS,
     MV_N,
     NULL_MEAN_Q,
@@ -783,6 +785,13 @@ class FleetCore:
                         # before DI_HOT_SINCE: a running incident counts from the newest tick
                         target[: len(devices), : stored.shape[1]] = stored
                         target[: len(devices), DI_HOT_SINCE] = stored[:, DI_LAST_TICK_T]
+                    elif name in ("mv_dev", "mv_aux") and stored.ndim == target.ndim \
+                            and 0 < stored.shape[-1] < target.shape[-1]:
+                        # before mewma's re-baselining fields (appended): no episode open, the
+                        # local level at the last complete row, as its fit leaves them
+                        target[: len(devices), ..., : stored.shape[-1]] = stored
+                        if name == "mv_aux":
+                            target[: len(devices), :, MA_LEVEL] = stored[:, :, MA_PREV]
                     else:
                         target[: len(devices)] = stored
         for d, names in enumerate(core._channel_names):
