@@ -197,7 +197,9 @@ def _state_zeros(shape: tuple[int, ...], dtype: type[np.generic]) -> np.ndarray:
     nbytes = int(np.prod(shape)) * itemsize
     if nbytes < _HUGE_PAGE or not hasattr(mmap, "MADV_HUGEPAGE"):
         return _aligned_zeros(shape, dtype)
-    area = mmap.mmap(-1, nbytes + _HUGE_PAGE)  # zero-filled; the array keeps the mapping alive
+    # zero-filled, kept alive by the array; private: shared anonymous memory (the default of
+    # mmap(-1, n)) gets no transparent huge pages
+    area = mmap.mmap(-1, nbytes + _HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     area.madvise(mmap.MADV_HUGEPAGE)
     raw = np.frombuffer(area, dtype=np.uint8)
     start = (-raw.ctypes.data) % _HUGE_PAGE
