@@ -1243,7 +1243,9 @@ def ingest_batch(
     gated_factor = params[P_GATED_FACTOR]
     adopt_us = params[P_ADOPT_US]
     lvc = new_level_cache(levels)
-    prefetched = -1
+    prefetched = -1  # the device (and its highest channel) of the last prefetch, and of the role's
+    prefetched_channel = -1
+    prefetched_far = -1
     # counters in registers, written back once per batch (a counter in memory would chain every
     # sample to the previous one through a store and a load)
     n_accepted = 0
@@ -1273,23 +1275,28 @@ def ingest_batch(
             t = t_us[i]
             # two stages: the role of a sample 2·PREFETCH_AHEAD ahead, then (its line in the cache by
             # now) whether the sample PREFETCH_AHEAD ahead is a state or counter sample that needs
-            # the device's timeline and buckets too
+            # the device's timeline and buckets too. A device's later ticks in a message revisit
+            # channels already fetched (channel numbers do not rise): nothing to ask for then.
             far = i + 2 * PREFETCH_AHEAD
             if far < n:
                 d_far = device[far]
-                if 0 <= d_far < n_devices:
+                if d_far != prefetched_far and 0 <= d_far < n_devices:
+                    prefetched_far = d_far
                     prefetch(role, d_far * n_channels)
             ahead = i + PREFETCH_AHEAD
             if ahead < n:
                 d_ahead = device[ahead]
                 c_ahead = channel[ahead]
-                if 0 <= d_ahead < n_devices and 0 <= c_ahead < n_channels:
+                if d_ahead != prefetched:
+                    prefetched = d_ahead
+                    prefetched_channel = -1
+                    if 0 <= d_ahead < n_devices:
+                        prefetch_device(d_ahead, devf, devi, st_code)
+                if c_ahead > prefetched_channel and 0 <= d_ahead < n_devices and c_ahead < n_channels:
+                    prefetched_channel = c_ahead
                     cell = (d_ahead * n_channels + c_ahead) * CH_FIELDS  # the channel's two cache lines
                     prefetch(chan, cell)
                     prefetch(chan, cell + CH_FIELDS - 1)
-                    if d_ahead != prefetched:
-                        prefetched = d_ahead
-                        prefetch_device(d_ahead, devf, devi, st_code)
                     if ROLE_STATE <= role[d_ahead, c_ahead] <= ROLE_SCRAP:
                         prefetch_timeline(d_ahead, st_t, bid, bval, lvc)
         else:
