@@ -32,11 +32,14 @@ def test_order_check_with_scratch(samples: list[tuple[int, int]], n_devices: int
         samples = sorted(samples, key=lambda s: s[0])
     device = np.array([s[0] for s in samples], dtype=np.int32)
     t_us = np.array([s[1] for s in samples], dtype=np.int64)
-    scratch = np.full(n_devices, EARLIEST, dtype=np.int64)
     want = _ordered(device.tolist(), t_us.tolist(), n_devices)
-    assert batch_is_ordered_into(device, t_us, scratch) is want
-    assert (scratch == EARLIEST).all()  # left as found, ready for the next batch
     assert batch_is_ordered(device, t_us, n_devices) is want
+    # a kept scratch: what earlier batches (generations) left in it does not count
+    scratch = np.zeros((n_devices, 2), dtype=np.int64)
+    for generation in (1, 2):
+        assert batch_is_ordered_into(device, t_us, scratch, generation) is want
+    scratch[:, 1] = np.iinfo(np.int64).max  # newest times of an old generation, far in the future
+    assert batch_is_ordered_into(device, t_us, scratch, 3) is want
 
 
 def test_state_arrays_zeroed_aligned_writable() -> None:

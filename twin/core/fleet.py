@@ -351,7 +351,8 @@ class FleetCore:
         self.bid[:] = -1
         self.bval = _state_zeros((capacity, n_buckets, BV_FIELDS), np.int32)
         # scratch of kernels.batch_is_ordered_into (not state: not in snapshots or state_bytes)
-        self._order_last = np.full(capacity, kernels.EARLIEST, dtype=np.int64)
+        self._order_scratch = np.zeros((capacity, 2), dtype=np.int64)
+        self._order_generation = 0
         # the multivariate detector's state exists only when it is the detector (slots² per device)
         width = n_channels if self.config.multivariate else 0
         self.mv_last = np.full((capacity, width), np.nan)
@@ -489,7 +490,10 @@ class FleetCore:
             tick_scores = _NO_SCORES
         elif tick_scores.shape != (n,) or tick_scores.dtype != np.float64:
             raise CoreError("tick_scores must be a float64 array with one slot per sample")
-        if not kernels.batch_is_ordered_into(device, t_us, self._order_last[: len(self.devices)]):
+        self._order_generation += 1
+        if not kernels.batch_is_ordered_into(
+            device, t_us, self._order_scratch[: len(self.devices)], self._order_generation
+        ):
             if tick_scores.shape[0]:
                 raise CoreError("tick_scores needs a batch in time order per device")
             order = np.lexsort((t_us, device))

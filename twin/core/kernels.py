@@ -1449,45 +1449,34 @@ def current_regime(d: int, st_code: np.ndarray, devi: np.ndarray) -> int:
 def batch_is_ordered(device: np.ndarray, t_us: np.ndarray, n_devices: int) -> bool:
     """True when every device's samples appear in non-decreasing time order (devices may interleave
     in any way); otherwise the wrapper sorts the batch by device and time before the kernel runs."""
-    return batch_is_ordered_into(device, t_us, np.full(max(n_devices, 0), EARLIEST, dtype=np.int64))
+    return batch_is_ordered_into(device, t_us, np.zeros((max(n_devices, 0), 2), dtype=np.int64), 1)
 
 
 @njit(**NJIT_OPTIONS)
-def batch_is_ordered_into(device: np.ndarray, t_us: np.ndarray, last: np.ndarray) -> bool:
-    """:func:`batch_is_ordered` with the per-device scratch ``last`` (one int64 per device, every
-    entry EARLIEST on entry and again on return: the caller keeps one and saves an O(devices) fill
-    per batch). A run of one device's samples (a message) is checked in registers."""
-    n_devices = last.shape[0]
+def batch_is_ordered_into(device: np.ndarray, t_us: np.ndarray, scratch: np.ndarray, generation: int) -> bool:
+    """:func:`batch_is_ordered` with a kept per-device scratch (``scratch[d] = (generation, newest
+    time)``, an entry of another generation is unset), so a batch costs no O(devices) fill: the
+    caller passes a new ``generation`` (> 0, zeros = never) per batch. A run of one device's
+    samples (a message) is checked in registers."""
+    n_devices = scratch.shape[0]
     run_device = -1  # a valid device, or -1
     run_t = EARLIEST
-    ordered = True
-    stop = device.shape[0]
     for i in range(device.shape[0]):
         d = device[i]
         t = t_us[i]
         if d == run_device and run_device >= 0:
             if t < run_t:
-                ordered = False
-                stop = i
-                break
+                return False
             run_t = t
         elif 0 <= d < n_devices:
             if run_device >= 0:
-                last[run_device] = run_t
-            if t < last[d]:
-                ordered = False
-                stop = i
-                break
+                scratch[run_device, 0] = generation
+                scratch[run_device, 1] = run_t
+            if scratch[d, 0] == generation and t < scratch[d, 1]:
+                return False
             run_device = d
             run_t = t
-    # leave the scratch as it was found
-    if run_device >= 0:
-        last[run_device] = EARLIEST
-    for i in range(stop):
-        d = device[i]
-        if 0 <= d < n_devices:
-            last[d] = EARLIEST
-    return ordered
+    return True
 
 
 # ================================================================================================
