@@ -89,13 +89,14 @@ class MqttSettings:
         )
 
 
-def make_client(settings: MqttSettings, client_id: str | None = None, *, clean: bool = True) -> paho.Client:
-    """A configured, not yet connected paho client."""
+def make_client(settings: MqttSettings, client_id: str | None = None, *, clean: bool = True,
+                client_class: type[paho.Client] = paho.Client) -> paho.Client:
+    """A configured, not yet connected paho client (``client_class``: paho's or a subclass)."""
     cid = client_id or settings.client_id or f"fl-{uuid.uuid4().hex[:12]}"
     if settings.protocol == 5:
-        client = paho.Client(CallbackAPIVersion.VERSION2, client_id=cid, protocol=paho.MQTTv5)
+        client = client_class(CallbackAPIVersion.VERSION2, client_id=cid, protocol=paho.MQTTv5)
     else:
-        client = paho.Client(
+        client = client_class(
             CallbackAPIVersion.VERSION2, client_id=cid, protocol=paho.MQTTv311, clean_session=clean
         )
     if settings.username is not None:

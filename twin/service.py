@@ -41,6 +41,7 @@ from forgeline.contract.topics import Kind, TopicError
 from forgeline.mqtt import MqttError, make_client
 from twin.config import TwinConfig
 from twin.ingest import CycleResult, DeadLetter, Ingestor
+from twin.mqtt_client import TwinClient, supported
 from twin.state import TwinState
 
 if TYPE_CHECKING:
@@ -48,6 +49,10 @@ if TYPE_CHECKING:
     from twin.snapshot import Snapshotter
 
 log = logging.getLogger(__name__)
+
+# paho with buffered reads and one write per cycle's acknowledgements (twin/mqtt_client.py), when
+# this paho has the internals it builds on; False: stock paho (bench A/B)
+USE_TWIN_CLIENT = supported()
 
 # cycle_thread auto: cycles run in the ingest thread while messages carry this many samples on average
 OFFLOAD_ABOVE_SAMPLES = 200
@@ -168,7 +173,8 @@ class TwinService:
         # Several workers: a session that ends with the connection, because Mosquitto keeps handing a
         # dead member's share of a shared subscription to its persistent session.
         persistent = self.cluster is None
-        client = make_client(settings, self.worker_id, clean=not persistent)
+        client = make_client(settings, self.worker_id, clean=not persistent,
+                             client_class=TwinClient if USE_TWIN_CLIENT else paho.Client)
         client.manual_ack_set(True)
         # paho walks every in-flight message on each PUBACK it receives: with its window of 1000 a burst
         # of retained twin states costs O(n²). A short window keeps that walk short; the broker is local
@@ -368,10 +374,15 @@ class TwinService:
                 work.append((topic, bytes(message.payload)))
         result = self.ingestor.process(work, now) if work else CycleResult()
         if self.config.cycle_thread == "auto" and work:
-            self._choose_thread(result.samples / len(work))
+            self._choose_thread(result.samples / len(work), len(work))
         with _one_wake(client):
             # Acknowledge only now: a crash before this point leaves the messages with the broker.
-            if client is not None:
+            if isinstance(client, TwinClient):
+                try:
+                    client.ack_many(messages)  # one outgoing buffer for the cycle's PUBACKs
+                except Exception:  # a disconnect in between: the broker redelivers, dedup drops it
+                    pass
+            elif client is not None:
                 for message in messages:
                     if message.qos > 0:
                         try:
@@ -384,13 +395,15 @@ class TwinService:
                 self._answer(message)
         return True
 
-    def _choose_thread(self, samples_per_message: float) -> None:
+    def _choose_thread(self, samples_per_message: float, messages: int) -> None:
         # Measured on this project's 2-core machine (docs/twin.md "Figures"): with 1000-sample messages
         # the ingest thread doubles the twin's rate (its kernels run while paho reads), with
         # single-sample messages it halves it (the cycle is Python, and every socket read of paho's
-        # then waits for the GIL). A moving average and a hysteresis band keep a mixed stream from
-        # flipping at every cycle.
-        average = self._samples_per_message = 0.8 * self._samples_per_message + 0.2 * samples_per_message
+        # then waits for the GIL). A moving average over the recent messages (each weighs 5 %, so a
+        # cycle of hundreds decides at once, one of a few moves it a little) and a hysteresis band keep
+        # a mixed stream from flipping at every cycle.
+        weight = 1.0 - 0.95 ** messages
+        average = self._samples_per_message = (1.0 - weight) * self._samples_per_message + weight * samples_per_message
         if average >= OFFLOAD_ABOVE_SAMPLES:
             if not self._offload:
                 self._offload = True

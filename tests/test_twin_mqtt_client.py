@@ -1,0 +1,178 @@
+"""The twin's paho client (twin/mqtt_client.py) against stock paho: the same messages from the same
+bytes (however the stream is cut into socket reads), the same PUBACK bytes, and the whole twin over a
+real Mosquitto with it."""
+
+from __future__ import annotations
+
+import random
+import select
+import socket
+import struct
+from typing import Any
+
+import paho.mqtt.client as paho
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from twin.mqtt_client import TwinClient, supported
+
+pytestmark = pytest.mark.skipif(not supported(), reason="this paho lacks the internals TwinClient builds on")
+
+
+def _remaining_length(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n % 128, n // 128
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def publish_packet(topic: bytes, payload: bytes, *, qos: int = 1, mid: int = 1, dup: bool = False,
+                   retain: bool = False, properties: bytes | None = b"\x00") -> bytes:
+    """A PUBLISH packet as a broker sends it (``properties`` None: MQTT 3.1.1, no property block)."""
+    body = struct.pack("!H", len(topic)) + topic
+    if qos:
+        body += struct.pack("!H", mid)
+    if properties is not None:
+        body += properties
+    body += payload
+    header = 0x30 | (qos << 1) | (0x08 if dup else 0) | (0x01 if retain else 0)
+    return bytes([header]) + _remaining_length(len(body)) + body
+
+
+def _props(**values: Any) -> bytes:
+    props = Properties(PacketTypes.PUBLISH)
+    for name, value in values.items():
+        setattr(props, name, value)
+    return bytes(props.pack())
+
+
+def _packets(protocol: int) -> list[bytes]:
+    rng = random.Random(7)
+    v5 = protocol == paho.MQTTv5
+    out = []
+    for k in range(60):
+        qos = k % 2
+        payload = rng.randbytes(rng.choice([0, 1, 13, 127, 128, 5000, 14_232, 70_000]))
+        props: bytes | None = b"\x00" if v5 else None
+        if v5 and k % 7 == 3:
+            props = _props(ContentType="application/octet-stream", UserProperty=[("a", "b")])
+        if v5 and k % 11 == 5:
+            props = _props(MessageExpiryInterval=60)
+        out.append(publish_packet(f"forgeline/v1/acme/telemetry/s/a/d{k}".encode(), payload, qos=qos,
+                                  mid=1 + k, dup=k % 5 == 0 and qos > 0, retain=k % 3 == 0, properties=props))
+    return out
+
+
+def _received(client_class: type[paho.Client], protocol: int, stream: bytes, cuts: list[int],
+              manual_ack: bool = True) -> tuple[list[dict[str, Any]], list[bytes]]:
+    """Feed ``stream`` through a socket pair in pieces (split at ``cuts``), run the client's loop_read
+    as its network loop would, and return what its on_message saw and what it queued to send."""
+    client = client_class(CallbackAPIVersion.VERSION2, client_id="t", protocol=protocol)
+    client.manual_ack_set(manual_ack)
+    seen: list[dict[str, Any]] = []
+
+    def on_message(_c: Any, _u: Any, message: paho.MQTTMessage) -> None:
+        seen.append({"topic": message.topic, "payload": bytes(message.payload), "qos": message.qos,
+                     "mid": message.mid, "dup": message.dup, "retain": message.retain,
+                     "properties": None if message.properties is None else str(message.properties),
+                     "type": isinstance(message, paho.MQTTMessage)})
+
+    client.on_message = on_message
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    theirs.setblocking(False)
+    client._sock = ours
+
+    def pump() -> None:
+        # what paho's network loop does: loop_read while select() says the socket is readable
+        while select.select([ours], [], [], 0)[0]:
+            assert client.loop_read() == paho.MQTT_ERR_SUCCESS
+            if isinstance(client, TwinClient):
+                assert client.buffered == 0  # nothing left where select() cannot see it
+
+    try:
+        start = 0
+        for end in [*cuts, len(stream)]:
+            piece = stream[start:end]
+            start = end
+            while piece:
+                try:
+                    piece = piece[theirs.send(piece):]
+                except BlockingIOError:
+                    pump()
+            pump()
+        # without a network thread paho writes queued packets at once: what reached the other end, then
+        # anything still queued
+        written = b""
+        while select.select([theirs], [], [], 0)[0]:
+            written += theirs.recv(1 << 16)
+        queued = [written, *(bytes(p["packet"]) for p in client._out_packet)]
+    finally:
+        client._sock = None
+        ours.close()
+        theirs.close()
+    return seen, queued
+
+
+@pytest.mark.parametrize("protocol", [paho.MQTTv5, paho.MQTTv311])
+@pytest.mark.parametrize("pieces", ["whole", "bytes", "random"])
+def test_same_messages_as_stock_paho_however_the_stream_is_cut(protocol: int, pieces: str) -> None:
+    stream = b"".join(_packets(protocol))
+    if pieces == "whole":
+        cuts: list[int] = []
+    elif pieces == "bytes":  # the worst case: one byte per socket read near packet boundaries
+        cuts = sorted({min(len(stream) - 1, i + d) for i in range(0, len(stream), 9000) for d in range(6)})
+    else:
+        rng = random.Random(3)
+        cuts = sorted(rng.sample(range(1, len(stream)), 40))
+    ours, _ = _received(TwinClient, protocol, stream, cuts)
+    stock, _ = _received(paho.Client, protocol, stream, cuts)
+    assert len(ours) == len(stock) == 60
+    assert ours == stock
+
+
+def test_automatic_acknowledgement_queues_the_same_pubacks() -> None:
+    stream = b"".join(_packets(paho.MQTTv5))
+    ours, ours_out = _received(TwinClient, paho.MQTTv5, stream, [], manual_ack=False)
+    stock, stock_out = _received(paho.Client, paho.MQTTv5, stream, [], manual_ack=False)
+    assert ours == stock
+    assert ours_out == stock_out and len(b"".join(stock_out)) == 30 * 4  # 30 QoS 1 messages
+
+
+def test_ack_many_writes_the_bytes_of_ack_one_by_one() -> None:
+    messages = []
+    for k, qos in enumerate([1, 0, 1, 1, 0, 1]):
+        message = paho.MQTTMessage(mid=100 + k, topic=b"x")
+        message.qos = qos
+        messages.append(message)
+    stock = paho.Client(CallbackAPIVersion.VERSION2, client_id="s", protocol=paho.MQTTv5)
+    stock.manual_ack_set(True)
+    for message in messages:
+        if message.qos:
+            stock.ack(message.mid, message.qos)
+    ours = TwinClient(CallbackAPIVersion.VERSION2, client_id="o", protocol=paho.MQTTv5)
+    ours.manual_ack_set(True)
+    ours.ack_many(messages)
+    assert len(ours._out_packet) == 1  # one write
+    assert bytes(ours._out_packet[0]["packet"]) == b"".join(bytes(p["packet"]) for p in stock._out_packet)
+    assert bytes(ours._out_packet[0]["packet"]) == b"".join(struct.pack("!BBH", 0x40, 2, 100 + k) for k in (0, 2, 3, 5))
+
+
+def test_lazy_properties_and_info_of_a_fast_decoded_message() -> None:
+    seen, _ = _received(TwinClient, paho.MQTTv5, publish_packet(b"a/b", b"xyz", mid=9), [])
+    assert seen[0]["properties"] == str(Properties(PacketTypes.PUBLISH))
+    client = TwinClient(CallbackAPIVersion.VERSION2, client_id="t", protocol=paho.MQTTv5)
+    got: list[paho.MQTTMessage] = []
+    client.on_message = lambda _c, _u, m: got.append(m)
+    client._in_packet["command"] = 0x32
+    client._in_packet["packet"] = bytearray(publish_packet(b"a/b", b"xyz", mid=9)[2:])
+    client._handle_publish()
+    message = got[0]
+    assert type(message) is not paho.MQTTMessage  # the fast decoding, not paho's
+    assert message.info.mid == 9 and message.info is message.info
+    message.properties = None
+    assert message.properties is None
