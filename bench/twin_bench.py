@@ -2,16 +2,17 @@
 measured in the same run.
 
 Throughput: the stream is preloaded into the broker. Every consumer (the twin with its default
-``cycle_thread: auto`` and with each thread mode forced, a bare paho subscriber, with ``--aiomqtt``
-a bare aiomqtt subscriber) first creates a persistent MQTT 5 session with its
-subscription and disconnects; then the stream is published once (QoS 1) and the broker queues it
-for every session. Each consumer then reconnects alone and is timed from CONNACK until it has
-consumed the whole stream (the twin: until the core has accepted every sample). So each consumer
-runs at its own maximum rate without the publisher competing for the two cores. Five rounds, each
-consumer once per round on that round's stream, the order rotated from round to round; medians and
-per-round ratios (the twin's rate over paho's of the same round), and each consumer's CPU time per
-message (this process's, so the twin's threads together; it does not depend on what else runs on the
-machine, the wall-clock rates do).
+``cycle_thread: auto`` and with each thread mode forced, a bare paho subscriber, a bare subscriber
+on the twin's own paho client ``twin.mqtt_client.TwinClient`` (its faster decoding and reads, for
+context: the target is against stock paho), with ``--aiomqtt`` a bare aiomqtt subscriber) first
+creates a persistent MQTT 5 session with its subscription and disconnects; then the stream is
+published once (QoS 1) and the broker queues it for every session. Each consumer then reconnects
+alone and is timed from CONNACK until it has consumed the whole stream (the twin: until the core has
+accepted every sample). So each consumer runs at its own maximum rate without the publisher
+competing for the two cores. Five rounds, each consumer once per round on that round's stream, the
+order rotated from round to round; medians and per-round ratios (the twin's rate over paho's of the
+same round), and each consumer's CPU time per message (this process's, so the twin's threads
+together; it does not depend on what else runs on the machine, the wall-clock rates do).
 
 1. ``batched``: 200 devices × batches of 20 channels × 50 time steps (1000 samples per message, the
    edge agent's default ``batch.max_samples``).
@@ -54,6 +55,7 @@ from forgeline.contract import schemas, telemetry, topics  # noqa: E402
 from forgeline.contract.topics import DeviceRef, Kind  # noqa: E402
 from forgeline.mqtt import MqttSettings, connect, make_client  # noqa: E402
 from twin.config import TwinConfig  # noqa: E402
+from twin.mqtt_client import TwinClient  # noqa: E402
 from twin.service import TwinService  # noqa: E402
 
 CHANNELS = ["state", "produced_total", "nozzle_temp", "bed_temp", "chamber_temp", "vibration",
@@ -119,8 +121,10 @@ def _session_props(expiry: int) -> Properties:
 class PahoCounter:
     """A bare paho subscriber: counts messages and bytes in its callback, nothing else."""
 
-    def __init__(self, settings: MqttSettings, client_id: str, topic_filter: str) -> None:
+    def __init__(self, settings: MqttSettings, client_id: str, topic_filter: str,
+                 client_class: type[paho.Client] = paho.Client) -> None:
         self.settings, self.client_id, self.topic_filter = settings, client_id, topic_filter
+        self.client_class = client_class
         self.count = 0
         self.bytes = 0
         self.done = threading.Event()
@@ -128,7 +132,7 @@ class PahoCounter:
         self.cpu_s = 0.0  # CPU time of the last drain
 
     def _client(self) -> paho.Client:
-        client = make_client(self.settings, self.client_id, clean=False)
+        client = make_client(self.settings, self.client_id, clean=False, client_class=self.client_class)
         client.on_message = self._on_message
         return client
 
@@ -261,13 +265,17 @@ def throughput(settings: MqttSettings, name: str, devices: int, messages_per_dev
         twins[mode] = (worker, snapshot_dir)
     paho_counter = PahoCounter(settings, f"paho-{tenant}", telemetry_filter)
     paho_counter.create_session()
+    fast_counter = PahoCounter(settings, f"pahotc-{tenant}", telemetry_filter, client_class=TwinClient)
+    fast_counter.create_session()
     aio = AiomqttCounter(settings, f"aio-{tenant}", telemetry_filter) if with_aiomqtt else None
     if aio is not None:
         aio.create_session()
     n_messages = devices * messages_per_device
     samples = n_messages * steps * len(channels)
-    runs: dict[str, list[float]] = {"paho": [], "aiomqtt": [], **{f"twin_{m}": [] for m in TWIN_MODES}}
-    consumers = ["paho", *(["aiomqtt"] if aio is not None else []), *(f"twin_{m}" for m in TWIN_MODES)]
+    runs: dict[str, list[float]] = {"paho": [], "paho_twinclient": [], "aiomqtt": [],
+                                    **{f"twin_{m}": [] for m in TWIN_MODES}}
+    consumers = ["paho", "paho_twinclient", *(["aiomqtt"] if aio is not None else []),
+                 *(f"twin_{m}" for m in TWIN_MODES)]
     # CPU time of this process from CONNACK to the end of the drain (the consumer's threads; the
     # broker is another process) per message: what a consumer costs whatever its neighbours do
     cpu: dict[str, list[float]] = {c: [] for c in consumers if c != "aiomqtt"}
@@ -287,6 +295,9 @@ def throughput(settings: MqttSettings, name: str, devices: int, messages_per_dev
             if consumer == "paho":
                 runs["paho"].append(paho_counter.drain(n_messages))
                 cpu["paho"].append(paho_counter.cpu_s / n_messages)
+            elif consumer == "paho_twinclient":
+                runs[consumer].append(fast_counter.drain(n_messages))
+                cpu[consumer].append(fast_counter.cpu_s / n_messages)
             elif consumer == "aiomqtt" and aio is not None:
                 runs["aiomqtt"].append(aio.drain(n_messages))
             else:
@@ -320,6 +331,10 @@ def throughput(settings: MqttSettings, name: str, devices: int, messages_per_dev
         result[f"{mode}_thread_ratio_to_paho"] = round(paho_s / mode_s, 3)
         result[f"{mode}_thread_ratio_per_round"] = [
             round(p / t, 3) for p, t in zip(runs["paho"], runs[f"twin_{mode}"], strict=True)]
+    # for context: the twin against a bare subscriber on its own (faster) paho client
+    twinclient_s = statistics.median(runs["paho_twinclient"])
+    result["paho_twinclient_msgs_per_s"] = round(n_messages / twinclient_s)
+    result["ratio_to_paho_twinclient"] = round(twinclient_s / twin_s, 3)
     result["cpu_us_per_msg"] = {c: round(statistics.median(v) * 1e6, 1) for c, v in cpu.items()}
     if runs["aiomqtt"]:
         aio_s = statistics.median(runs["aiomqtt"])
