@@ -12,6 +12,7 @@ work in whole milliseconds, so every time sum is an exact integer whatever the a
 from __future__ import annotations
 
 import numpy as np
+from llvmlite import binding as llvm_binding
 from llvmlite import ir
 from numba import config as numba_config
 from numba import njit, types
@@ -145,13 +146,18 @@ from twin.core.layout import (
 PREFETCH_AHEAD = 64
 
 
+# LLVM mangles the pointer type into an overloaded intrinsic's name: "p0" with opaque pointers (the
+# LLVM 20+ of llvmlite >= 0.45), "p0i8" with typed ones (LLVM 14/15 of llvmlite <= 0.44, numba <= 0.61)
+_PREFETCH_INTRINSIC = "llvm.prefetch.p0" if llvm_binding.llvm_version_info[0] >= 16 else "llvm.prefetch.p0i8"
+
+
 def _prefetch_codegen(context, builder, signature, args):
     array = context.make_array(signature.args[0])(context, builder, args[0])
     index = context.cast(builder, args[1], signature.args[1], types.intp)
     address = builder.bitcast(builder.gep(array.data, [index]), ir.IntType(8).as_pointer())
     i32 = ir.IntType(32)
     fnty = ir.FunctionType(ir.VoidType(), [address.type, i32, i32, i32])
-    fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
+    fn = cgutils.get_or_insert_function(builder.module, fnty, _PREFETCH_INTRINSIC)
     # read, keep in every cache level, data cache
     builder.call(fn, [address, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
     return context.get_dummy_value()
