@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from forgeline.contract import telemetry
 from twin.sequence import DeviceSequences, Verdict
-from twin.unpack import Columns, accumulate_latest, bucket_means, reference_accumulate, reference_unpack
+from twin.unpack import Columns, Scratch, accumulate_latest, bucket_means, reference_accumulate, reference_unpack
 
 _values = st.one_of(st.floats(allow_nan=True, allow_infinity=True, width=64), st.sampled_from([0.0, -0.0, 1e308]))
 
@@ -51,6 +51,31 @@ def test_unpack_matches_the_reference(messages: list[tuple[bytes, int, np.ndarra
         batch = telemetry.decode(payload)
         assert max_channel[i] == (max(batch.channel_idx) if batch.channel_idx else -1)
         assert max_offset[i] == (max(batch.t_us) - batch.header.t_base_us if batch.t_us else 0)
+
+
+_SCRATCH = Scratch()  # shared by every example: cycles of every size one after another, as in the ingest
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.lists(payloads(), min_size=0, max_size=6), min_size=1, max_size=4))
+def test_unpack_with_a_kept_scratch_matches_the_reference(cycles: list[list[tuple[bytes, int, np.ndarray]]]) -> None:
+    # the buffers grow, shrink back to a view, and hold the previous cycle's bytes: none of it may show
+    for messages in cycles:
+        columns = Columns(_SCRATCH)
+        for payload, device_index, slots in messages:
+            header = telemetry.read_header(payload)
+            columns.add(payload, header.data_offset, header.n_samples, header.t_base_us, device_index, slots)
+        max_channel, max_offset = columns.check()
+        device, slot, t_us, values = columns.unpack()
+        ref = reference_unpack(messages)
+        assert device.tolist() == ref[0] and slot.tolist() == ref[1] and t_us.tolist() == ref[2]
+        assert all(_same(a, b) for a, b in zip(values.tolist(), ref[3], strict=True))
+        plain = Columns()
+        for payload, device_index, slots in messages:
+            header = telemetry.read_header(payload)
+            plain.add(payload, header.data_offset, header.n_samples, header.t_base_us, device_index, slots)
+        plain_channel, plain_offset = plain.check()
+        assert max_channel.tolist() == plain_channel.tolist() and max_offset.tolist() == plain_offset.tolist()
 
 
 def test_unpack_of_nothing_is_empty() -> None:
