@@ -22,9 +22,12 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from statistics import NormalDist
+from types import SimpleNamespace
 from typing import Any, Literal
 
+import numba
 import numpy as np
+from numba import config as numba_config
 
 from forgeline.contract.vocabulary import DeviceState, Technology
 from twin.core import kernels
@@ -91,7 +94,6 @@ from twin.core.layout import (
     P_EWMA_LAMBDA,
     P_FIELDS,
     P_GATED_FACTOR,
-    P_HISTORICAL,
     P_HOLD_MS,
     P_LEARN_GATE,
     P_MEWMA_ADOPT,
@@ -114,12 +116,8 @@ from twin.core.layout import (
     P_WARMUP,
     P_Z_SCALE2,
     SHIFT_BUCKETS,
-    ST_ACCEPTED,
     ST_FIELDS,
-    ST_INDEX,
-    ST_LATE,
     ST_MAX_T,
-    ST_NONFINITE,
     ST_VALUE,
     role_of_channel,
 )
@@ -174,6 +172,67 @@ class AnomalyEvent:
     t_us: int
     score: float
     channels: tuple[str, ...]
+
+
+_new = object.__new__
+
+
+def _ingest_stats(accepted: int, nonfinite: int, index: int, late: int, value: int) -> IngestStats:
+    """``IngestStats(...)`` without the frozen dataclass's ``object.__setattr__`` per field (~0.5 µs
+    of a small ingest call); the same object: fields, equality, repr, ``asdict``."""
+    stats = _new(IngestStats)
+    fields = stats.__dict__
+    fields["accepted"] = accepted
+    fields["rejected_nonfinite"] = nonfinite
+    fields["rejected_index"] = index
+    fields["late"] = late
+    fields["rejected_value"] = value
+    return stats
+
+
+_NO_SAMPLES = IngestStats(0, 0, 0, 0, 0)
+_EVENT_BUFFER = 1024  # initial event slots (kernels.ingest_call grows them up to EVENT_BUFFER_KEEP)
+
+
+def _core_state(core: FleetCore) -> Any:
+    """The core's arrays as one :class:`kernels.CoreState` (a namespace when numba is off)."""
+    arrays = {
+        "role": core.role, "chan": core.chan, "devf": core.devf, "devi": core.devi, "st_t": core.st_t,
+        "st_code": core.st_code, "bid": core.bid, "bval": core.bval, "levels": core._levels,
+        "params": core._params, "stats": core._stats, "mv_last": core.mv_last, "mv_mean": core.mv_mean,
+        "mv_scale": core.mv_scale, "mv_cov": core.mv_cov, "mv_eig": core.mv_eig, "mv_dev": core.mv_dev,
+        "mv_aux": core.mv_aux, "mv_lag": core.mv_lag, "order_scratch": core._order_scratch, "call": core._call,
+        "ev_device": np.empty(_EVENT_BUFFER, dtype=np.int32), "ev_phase": np.empty(_EVENT_BUFFER, dtype=np.int8),
+        "ev_t": np.empty(_EVENT_BUFFER, dtype=np.int64), "ev_score": np.empty(_EVENT_BUFFER, dtype=np.float64),
+        "ev_mask": np.empty(_EVENT_BUFFER, dtype=np.int64),
+    }  # fmt: skip
+    assert tuple(arrays) == kernels.CORE_STATE_FIELDS
+    if getattr(numba_config, "DISABLE_JIT", False):
+        return SimpleNamespace(**arrays)
+    return kernels.CoreState(*arrays.values())
+
+
+_ENTRY: list[Any] = []
+
+
+def _ingest_entry() -> Any:
+    """``kernels.ingest_call``'s compiled entry point for FleetCore's argument types, called without
+    the dispatcher's per-call type look-up (~0.5 µs for the state). Safe only because
+    FleetCore.ingest passes exactly these types: C-contiguous 1-d int32, int32, int64, float64 and
+    float64 arrays (converted and checked first), an int and a bool."""
+    if _ENTRY:
+        return _ENTRY[0]
+    entry = kernels.ingest_call
+    if not getattr(numba_config, "DISABLE_JIT", False):
+        probe = FleetCore(max_devices=1, channels_per_device=1)
+        array = numba.typeof(np.empty(0, dtype=np.int32))
+        signature = (
+            numba.typeof(probe._state), array, array, numba.typeof(np.empty(0, dtype=np.int64)),
+            numba.typeof(np.empty(0, dtype=np.float64)), numba.typeof(_NO_SCORES), numba.int64, numba.boolean,
+        )  # fmt: skip
+        entry = kernels.ingest_call.compile(signature)
+    _ENTRY.append(entry)
+    return entry
 
 
 def _aligned_zeros(shape: tuple[int, ...], dtype: type[np.generic], align: int = 64) -> np.ndarray:
@@ -350,9 +409,10 @@ class FleetCore:
         self.bid = _state_zeros((capacity, n_buckets), np.int32)
         self.bid[:] = -1
         self.bval = _state_zeros((capacity, n_buckets, BV_FIELDS), np.int32)
-        # scratch of kernels.batch_is_ordered_into (not state: not in snapshots or state_bytes)
+        # scratch of kernels.batch_is_ordered_into (not state: not in snapshots or state_bytes); its
+        # generation counter and the last call's counts live in self._call (kernels.CALL_*)
         self._order_scratch = np.zeros((capacity, 2), dtype=np.int64)
-        self._order_generation = 0
+        self._call = np.zeros(kernels.CALL_COUNTS + ST_VALUE + 1, dtype=np.int64)
         # the multivariate detector's state exists only when it is the detector (slots² per device)
         width = n_channels if self.config.multivariate else 0
         self.mv_last = np.full((capacity, width), np.nan)
@@ -365,6 +425,7 @@ class FleetCore:
         extra = n_channels if self.config.detector == "mewma" else 0
         self.mv_aux = np.zeros((capacity, extra, MA_FIELDS if extra else 0))
         self.mv_lag = np.zeros((capacity, extra, extra))
+        self._state = _core_state(self)
 
     _ARRAYS = (
         "role", "chan", "devf", "devi", "st_t", "st_code", "bid", "bval",
@@ -478,39 +539,40 @@ class FleetCore:
         channel = np.ascontiguousarray(channel, dtype=np.int32)
         t_us = np.ascontiguousarray(t_us, dtype=np.int64)
         values = np.ascontiguousarray(values, dtype=np.float64)
-        n = device.shape[0]
-        if device.ndim != 1 or channel.shape != (n,) or t_us.shape != (n,) or values.shape != (n,):
+        shape = device.shape
+        if len(shape) != 1 or channel.shape != shape or t_us.shape != shape or values.shape != shape:
             raise CoreError(
                 f"device, channel, t_us and values must be 1-d and of one length, got shapes "
                 f"{device.shape}, {channel.shape}, {t_us.shape}, {values.shape}"
             )
+        n = shape[0]
         if n == 0:
-            return IngestStats(0, 0, 0, 0, 0)
-        if tick_scores is None:
-            tick_scores = _NO_SCORES
-        elif tick_scores.shape != (n,) or tick_scores.dtype != np.float64:
-            raise CoreError("tick_scores must be a float64 array with one slot per sample")
-        self._order_generation += 1
-        if not kernels.batch_is_ordered_into(
-            device, t_us, self._order_scratch[: len(self.devices)], self._order_generation
-        ):
-            if tick_scores.shape[0]:
+            return _NO_SAMPLES
+        scores = _NO_SCORES
+        if tick_scores is not None:
+            if tick_scores.shape != (n,) or tick_scores.dtype != np.float64:
+                raise CoreError("tick_scores must be a float64 array with one slot per sample")
+            if not tick_scores.flags.writeable:
+                raise CoreError("tick_scores must be writeable")
+            # the compiled entry takes C-contiguous arrays: a strided view gets a copy, copied back
+            scores = tick_scores if tick_scores.flags.c_contiguous else np.ascontiguousarray(tick_scores)
+        call = _ingest_entry()
+        n_events = call(self._state, device, channel, t_us, values, scores, len(self.devices), historical)
+        if n_events < 0:  # not in time order per device: nothing was done
+            if tick_scores is not None:
                 raise CoreError("tick_scores needs a batch in time order per device")
             order = np.lexsort((t_us, device))
             device, channel, t_us, values = device[order], channel[order], t_us[order], values[order]
-        self._params[P_HISTORICAL] = 1.0 if historical else 0.0
-        before = self._stats.copy()
-        ev_device = np.empty(n, dtype=np.int32)
-        ev_phase = np.empty(n, dtype=np.int8)
-        ev_t = np.empty(n, dtype=np.int64)
-        ev_score = np.empty(n, dtype=np.float64)
-        ev_mask = np.empty(n, dtype=np.int64)
-        n_events = kernels.ingest_batch(
-            device, channel, t_us, values, len(self.devices), self.role, self.chan, self.devf, self.devi,
-            self.st_t, self.st_code, self.bid, self.bval, self._levels, self._params, self._stats,
-            ev_device, ev_phase, ev_t, ev_score, ev_mask, tick_scores,
-            self.mv_last, self.mv_mean, self.mv_scale, self.mv_cov, self.mv_eig, self.mv_dev, self.mv_aux, self.mv_lag,
-        )  # fmt: skip
+            n_events = call(self._state, device, channel, t_us, values, scores, len(self.devices), historical)
+        if scores is not tick_scores and tick_scores is not None:
+            tick_scores[:] = scores
+        if n_events:
+            self._take_events(n_events)
+        accepted, nonfinite, index, late, value = self._call[kernels.CALL_COUNTS :].tolist()
+        return _ingest_stats(accepted, nonfinite, index, late, value)
+
+    def _take_events(self, n_events: int) -> None:
+        ev_device, ev_phase, ev_t, ev_score, ev_mask = kernels.core_events(self._state)
         for k in range(n_events):
             d = int(ev_device[k])
             names = self._channel_names[d]
@@ -524,14 +586,6 @@ class FleetCore:
                     channels=tuple(names[c] for c in range(len(names)) if mask >> c & 1),
                 )
             )
-        delta = self._stats - before
-        return IngestStats(
-            accepted=int(delta[ST_ACCEPTED]),
-            rejected_nonfinite=int(delta[ST_NONFINITE]),
-            rejected_index=int(delta[ST_INDEX]),
-            late=int(delta[ST_LATE]),
-            rejected_value=int(delta[ST_VALUE]),
-        )
 
     @property
     def now_us(self) -> int | None:
