@@ -118,7 +118,6 @@ from twin.core.layout import (
     SHIFT_BUCKETS,
     ST_FIELDS,
     ST_MAX_T,
-    ST_VALUE,
     role_of_channel,
 )
 
@@ -412,7 +411,7 @@ class FleetCore:
         # scratch of kernels.batch_is_ordered_into (not state: not in snapshots or state_bytes); its
         # generation counter and the last call's counts live in self._call (kernels.CALL_*)
         self._order_scratch = np.zeros((capacity, 2), dtype=np.int64)
-        self._call = np.zeros(kernels.CALL_COUNTS + ST_VALUE + 1, dtype=np.int64)
+        self._call = np.zeros(kernels.CALL_FIELDS, dtype=np.int64)
         # the multivariate detector's state exists only when it is the detector (slots² per device)
         width = n_channels if self.config.multivariate else 0
         self.mv_last = np.full((capacity, width), np.nan)
@@ -568,7 +567,8 @@ class FleetCore:
             tick_scores[:] = scores
         if n_events:
             self._take_events(n_events)
-        accepted, nonfinite, index, late, value = self._call[kernels.CALL_COUNTS :].tolist()
+        # the counts in ST_* order (ST_ACCEPTED = 0 .. ST_VALUE = 4), then the order generation
+        accepted, nonfinite, index, late, value, _ = self._call.tolist()
         return _ingest_stats(accepted, nonfinite, index, late, value)
 
     def _take_events(self, n_events: int) -> None:

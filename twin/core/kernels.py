@@ -1190,7 +1190,7 @@ def prefetch_timeline(d: int, st_t: np.ndarray, bid: np.ndarray, bval: np.ndarra
         prefetch(bval, cell * BV_FIELDS + BV_FIELDS - 1)
 
 
-@njit(**NJIT_OPTIONS)
+@njit(**NJIT_INLINE)  # into ingest_call: no call passing ~30 arrays as flattened structs
 def ingest_batch(
     device: np.ndarray,
     channel: np.ndarray,
@@ -1502,9 +1502,11 @@ CORE_STATE_FIELDS = (
     "order_scratch", "call",
     "ev_device", "ev_phase", "ev_t", "ev_score", "ev_mask",
 )  # fmt: skip
-# call: [order generation, then the last call's counts in ST_* order (ST_ACCEPTED .. ST_VALUE)]
-CALL_GENERATION = 0
-CALL_COUNTS = 1
+# call: the last call's counts in ST_* order (ST_ACCEPTED .. ST_VALUE, read with one tolist), then
+# the order check's generation
+assert (ST_ACCEPTED, ST_NONFINITE, ST_INDEX, ST_LATE, ST_VALUE) == (0, 1, 2, 3, 4)  # FleetCore.ingest reads them so
+CALL_GENERATION = ST_VALUE + 1
+CALL_FIELDS = CALL_GENERATION + 1
 # event buffers kept between calls up to this many samples; a larger batch gets its own for the
 # call (one event per device tick at most, so the buffers need one slot per sample)
 EVENT_BUFFER_KEEP = 1 << 16
@@ -1540,7 +1542,7 @@ def ingest_call(
     """What FleetCore.ingest runs per batch: the order check, then :func:`ingest_batch` on the
     state's arrays. Returns the number of events (read them with :func:`core_events`), or -1 when
     the batch is not in time order per device (nothing done: the caller sorts and calls again).
-    The call's counts go to ``state.call[CALL_COUNTS:]``."""
+    The call's counts go to ``state.call[:CALL_GENERATION]``."""
     call = state.call
     generation = call[CALL_GENERATION] + 1
     call[CALL_GENERATION] = generation
@@ -1595,11 +1597,11 @@ def ingest_call(
             state.ev_t[:n_events] = ev_t[:n_events]
             state.ev_score[:n_events] = ev_score[:n_events]
             state.ev_mask[:n_events] = ev_mask[:n_events]
-    call[CALL_COUNTS + ST_ACCEPTED] = stats[ST_ACCEPTED] - accepted
-    call[CALL_COUNTS + ST_NONFINITE] = stats[ST_NONFINITE] - nonfinite
-    call[CALL_COUNTS + ST_INDEX] = stats[ST_INDEX] - index
-    call[CALL_COUNTS + ST_LATE] = stats[ST_LATE] - late
-    call[CALL_COUNTS + ST_VALUE] = stats[ST_VALUE] - value
+    call[ST_ACCEPTED] = stats[ST_ACCEPTED] - accepted
+    call[ST_NONFINITE] = stats[ST_NONFINITE] - nonfinite
+    call[ST_INDEX] = stats[ST_INDEX] - index
+    call[ST_LATE] = stats[ST_LATE] - late
+    call[ST_VALUE] = stats[ST_VALUE] - value
     return n_events
 
 
