@@ -6,7 +6,10 @@ patterns, each measured in the same run as its baselines:
 * ``arrival``: batches as they come from MQTT, one device's message (10 time steps × 20 channels)
   after another, many messages concatenated into one kernel call;
 * ``random``: devices interleaved at random sample by sample (global time order), so every
-  sample touches a different device's state: the memory-bound worst case.
+  sample touches a different device's state: the memory-bound worst case;
+* ``per call``: the time of one ``FleetCore.ingest`` call of 1 sample, one device tick (20 samples)
+  and one twin-sized message (5 devices × 10 steps × 20 channels = 1000 samples), median and best of
+  many calls: the fixed cost of a call, which the twin pays per message or cycle.
 
 Baselines: river's HalfSpaceTrees (learn_one + score_one per device row of 20 channels) and our
 pure-Python reference (``twin/core/reference.py``). Both are far slower, so they run on a small
@@ -36,6 +39,8 @@ T0 = 1_700_000_000_000_000
 CHANNELS = ["state", "produced_total", *[f"x_sensor{i}" for i in range(N_CHANNELS - 2)]]
 TARGET_ARRIVAL = 50e6
 TARGET_BYTES = 256
+TARGET_MESSAGE_US = 20.0  # the twin's budget for one 1000-sample message (median)
+PER_CALL = {"1": (1, 1, 1), "20": (1, 1, N_CHANNELS), "1000": (5, STEPS_PER_MESSAGE, N_CHANNELS)}
 
 
 def log(msg: str) -> None:
@@ -69,6 +74,36 @@ def random_batch(rng: np.random.Generator, n: int, t_start: int) -> tuple[np.nda
     t_us = t_start + np.arange(n, dtype=np.int64)
     values = rng.normal(100.0, 1.0, n)
     return device, channel, t_us, values
+
+
+def small_batch(rng: np.random.Generator, n_devices: int, steps: int, n_channels: int, step: int) -> tuple:
+    """``n_devices`` random devices, ``steps`` time steps of their last ``n_channels`` channels."""
+    devices = rng.choice(N_DEVICES, n_devices, replace=False).astype(np.int32)
+    device = np.repeat(devices, steps * n_channels)
+    channel = np.tile(np.arange(N_CHANNELS - n_channels, N_CHANNELS, dtype=np.int32), n_devices * steps)
+    steps_of = np.tile(np.repeat(np.arange(steps, dtype=np.int64), n_channels), n_devices)
+    t_us = T0 + (step * STEPS_PER_MESSAGE + steps_of) * 1_000_000
+    values = rng.normal(100.0, 1.0, device.shape[0])
+    values[channel == 0] = 3.0
+    values[channel == 1] = (step * STEPS_PER_MESSAGE + steps_of[channel == 1]).astype(np.float64)
+    return device, channel, t_us, values
+
+
+def per_call(core: FleetCore, rng: np.random.Generator, step: int, calls: int = 3000, rounds: int = 3) -> dict:
+    """Median and best µs of one ingest call per size in PER_CALL (sizes alternate in rounds)."""
+    times: dict[str, list[int]] = {size: [] for size in PER_CALL}
+    for _ in range(rounds):
+        for size, shape in PER_CALL.items():
+            batches = [small_batch(rng, *shape, step + k) for k in range(calls // rounds)]
+            step += calls // rounds
+            for batch in batches:
+                started = time.perf_counter_ns()
+                core.ingest(*batch)
+                times[size].append(time.perf_counter_ns() - started)
+    return {
+        size: {"median_us": round(float(np.median(t)) / 1000, 2), "best_us": round(min(t) / 1000, 2)}
+        for size, t in times.items()
+    }
 
 
 def rate(core: FleetCore, batches: list[tuple[np.ndarray, ...]]) -> float:
@@ -144,6 +179,9 @@ def main() -> int:
     randoms = [random_batch(rng, 1_000_000, t_start + k * 1_000_000) for k in range(3)]
     random_rate = rate(core, randoms)
     log(f"  random: {random_rate / 1e6:.1f} M channel-samples/s")
+    log("timing single ingest calls ...")
+    calls = per_call(core, rng, step + 20)  # after the random batches' timestamps
+    log(f"  per call: {calls}")
     log("baseline: river HalfSpaceTrees on 1500 rows ...")
     hst = river_rate(1500)
     log(f"  river: {hst}")
@@ -166,9 +204,13 @@ def main() -> int:
         "target_arrival_met": arrival_rate >= TARGET_ARRIVAL,
         "target_bytes_per_channel": TARGET_BYTES,
         "target_bytes_met": per_channel <= TARGET_BYTES,
+        "per_call_us": calls,
+        "target_message_us": TARGET_MESSAGE_US,
+        "target_message_met": calls["1000"]["median_us"] <= TARGET_MESSAGE_US,
         "note": "river (n_trees=10, height=8) timed on 1500 rows × 18 channels and the pure-Python reference on "
         "40k samples; their rates are extrapolated from those slices. Arrival: 5000 messages of 10 steps × 20 "
-        "channels per kernel call. Random: 1M samples per call, every sample a random device.",
+        "channels per kernel call. Random: 1M samples per call, every sample a random device. Per call: 3000 calls "
+        "of each size on random devices (of 1: one channel; of 20: one device tick; of 1000: a twin message).",
         "seconds": round(time.monotonic() - started, 1),
         # other work on the machine moves absolute rates (this is a shared machine): the 1-min load
         "loadavg": _loadavg(),
