@@ -208,7 +208,7 @@ def _core_state(core: FleetCore) -> Any:
     assert tuple(arrays) == kernels.CORE_STATE_FIELDS
     if getattr(numba_config, "DISABLE_JIT", False):
         return SimpleNamespace(**arrays)
-    return kernels.CoreState(*arrays.values())
+    return kernels.new_core_state(*arrays.values())
 
 
 _ENTRY: list[Any] = []
