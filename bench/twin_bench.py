@@ -19,7 +19,8 @@ together; it does not depend on what else runs on the machine, the wall-clock ra
 2. ``small``: single-sample messages (the worst case for a Python subscriber).
 3. ``latency``: the twin as its own process, the publisher paced at a fifth of the twin's measured
    batched rate; latency = publish of batch ``seq`` → the first retained twin state with
-   ``last_seq >= seq`` arriving at a subscriber (p50, p99).
+   ``last_seq >= seq`` arriving at a subscriber (p50, p99). Publisher and subscriber use the twin's
+   client (``TwinClient``), so that this process is not the bottleneck.
 
 Targets (issue 4): ≥ 1 M samples/s batched, ≥ 0.8 of the bare paho subscriber's rate for both
 streams, p99 < 50 ms at a fifth of the maximum load. Progress to stderr; the last stdout line is
@@ -359,7 +360,9 @@ def latency(settings: MqttSettings, samples_per_s: float, duration_s: float, dev
                                env={**os.environ, "PYTHONPATH": str(REPO)})
     received: dict[str, list[tuple[int, float]]] = {}
     lock = threading.Lock()
-    watcher = connect(settings)
+    # The watcher and the publisher below run on the twin's client: at a fifth of today's rates (2-3 M
+    # samples/s) this process on stock paho took 0.7-0.8 of a core and was itself what fell behind.
+    watcher = connect(settings, client_class=TwinClient)
 
     def on_message(_c: Any, _u: Any, message: paho.MQTTMessage) -> None:
         now = time.perf_counter()
@@ -386,7 +389,7 @@ def latency(settings: MqttSettings, samples_per_s: float, duration_s: float, dev
         while sum(1 for v in received.values() if v) < devices and time.monotonic() < deadline:
             time.sleep(0.05)
         payloads = [batched_payload(seq, CHANNELS, STEPS) for seq in range(1, 1 + int(duration_s * rate) + 1)]
-        client = connect(settings)
+        client = connect(settings, client_class=TwinClient)
         sent: dict[tuple[str, int], float] = {}
         n = int(duration_s * rate)
         log(f"[latency] {rate:.0f} msgs/s = {samples_per_s / 1e3:.0f}k samples/s for {duration_s:.0f}s")

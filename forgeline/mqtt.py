@@ -122,12 +122,13 @@ def connect(
     timeout: float = 10.0,
     loop: bool = True,
     will: tuple[str, bytes, int, bool] | None = None,
+    client_class: type[paho.Client] = paho.Client,
 ) -> paho.Client:
     """Connect and wait for CONNACK; raise :class:`MqttError` with the broker's reason on failure.
 
     ``will`` is ``(topic, payload, qos, retain)``. With ``loop`` the network loop runs in paho's thread.
     """
-    client = make_client(settings, client_id, clean=clean)
+    client = make_client(settings, client_id, clean=clean, client_class=client_class)
     if will is not None:
         client.will_set(will[0], will[1], qos=will[2], retain=will[3])
     done = threading.Event()
