@@ -154,6 +154,18 @@ def _loadavg() -> float | None:
         return None
 
 
+def _huge_pages_mb() -> float | None:
+    """This process's memory on transparent huge pages (the state arrays ask for them; without
+    them the rates drop, see twin/core/fleet.py _state_zeros)."""
+    try:
+        for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
+            if line.startswith("AnonHugePages:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def main() -> int:
     started = time.monotonic()
     log(f"allocating {N_DEVICES} devices × {N_CHANNELS} channels ...")
@@ -214,6 +226,7 @@ def main() -> int:
         "seconds": round(time.monotonic() - started, 1),
         # other work on the machine moves absolute rates (this is a shared machine): the 1-min load
         "loadavg": _loadavg(),
+        "huge_pages_mb": _huge_pages_mb(),
     }
     print(json.dumps(result))
     return 0
