@@ -216,26 +216,26 @@ def _core_state(core: FleetCore) -> Any:
     return kernels.new_core_state(*arrays.values())
 
 
-_ENTRY: list[Any] = []
+_ENTRIES: dict[Any, Any] = {}
 
 
-def _ingest_entry() -> Any:
-    """``kernels.ingest_call``'s compiled entry point for FleetCore's argument types, called without
-    the dispatcher's per-call type look-up (~0.5 µs for the state). Safe only because
-    FleetCore.ingest passes exactly these types: C-contiguous 1-d int32, int32, int64, float64 and
-    float64 arrays (converted and checked first), an int and a bool."""
-    if _ENTRY:
-        return _ENTRY[0]
-    entry = kernels.ingest_call
-    if not getattr(numba_config, "DISABLE_JIT", False):
-        probe = FleetCore(max_devices=1, channels_per_device=1)
+def _ingest_entry(state: Any) -> Any:
+    """``kernels.ingest_call``'s compiled entry point for this state's type and FleetCore's argument
+    types, called without the dispatcher's per-call type look-up (~0.5 µs for the state). Safe only
+    because FleetCore.ingest passes exactly these types: the state it was looked up for, C-contiguous
+    1-d int32, int32, int64, float64 and float64 arrays (converted and checked first), an int and a
+    bool. Looked up once per state (``numba.typeof`` of a structref runs in Python, ~µs)."""
+    if getattr(numba_config, "DISABLE_JIT", False):
+        return kernels.ingest_call
+    state_type = numba.typeof(state)
+    entry = _ENTRIES.get(state_type)
+    if entry is None:
         array = numba.typeof(np.empty(0, dtype=np.int32))
         signature = (
-            numba.typeof(probe._state), array, array, numba.typeof(np.empty(0, dtype=np.int64)),
+            state_type, array, array, numba.typeof(np.empty(0, dtype=np.int64)),
             numba.typeof(np.empty(0, dtype=np.float64)), numba.typeof(_NO_SCORES), numba.int64, numba.boolean,
         )  # fmt: skip
-        entry = kernels.ingest_call.compile(signature)
-    _ENTRY.append(entry)
+        entry = _ENTRIES[state_type] = kernels.ingest_call.compile(signature)
     return entry
 
 
@@ -429,7 +429,10 @@ class FleetCore:
         extra = n_channels if self.config.detector == "mewma" else 0
         self.mv_aux = np.zeros((capacity, extra, MA_FIELDS if extra else 0))
         self.mv_lag = np.zeros((capacity, extra, extra))
+        # the arrays are shared with self._state (one numba argument, see kernels.CoreState):
+        # change them in place, never rebind them without a new state
         self._state = _core_state(self)
+        self._entry: Any = None  # kernels.ingest_call's entry point for this state, at the first ingest
 
     _ARRAYS = (
         "role", "chan", "devf", "devi", "st_t", "st_code", "bid", "bval",
@@ -560,7 +563,7 @@ class FleetCore:
                 raise CoreError("tick_scores must be writeable")
             # the compiled entry takes C-contiguous arrays: a strided view gets a copy, copied back
             scores = tick_scores if tick_scores.flags.c_contiguous else np.ascontiguousarray(tick_scores)
-        call = _ingest_entry()
+        call = self._entry or self._bind_entry()
         n_events = call(self._state, device, channel, t_us, values, scores, len(self.devices), historical)
         if n_events < 0:  # not in time order per device: nothing was done
             if tick_scores is not None:
@@ -575,6 +578,10 @@ class FleetCore:
         # the counts in ST_* order (ST_ACCEPTED = 0 .. ST_VALUE = 4), then the order generation
         accepted, nonfinite, index, late, value, _ = self._call.tolist()
         return _ingest_stats(accepted, nonfinite, index, late, value)
+
+    def _bind_entry(self) -> Any:
+        self._entry = _ingest_entry(self._state)
+        return self._entry
 
     def _take_events(self, n_events: int) -> None:
         ev_device, ev_phase, ev_t, ev_score, ev_mask = kernels.core_events(self._state)
