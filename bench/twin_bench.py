@@ -345,6 +345,45 @@ def throughput(settings: MqttSettings, name: str, devices: int, messages_per_dev
     return result
 
 
+def watch(host: str, port: int, tenant: str, devices: int, out: str) -> int:
+    """The latency test's twin-state watcher, run as its own process (``--watch``): it records the
+    wall-clock arrival of every retained twin state with a ``last_seq``. In the publishing process it
+    shared the GIL with the publisher loop and its network thread, and at 3.3 M samples/s added a
+    queue of its own to what was measured. Prints ``subscribed`` after the SUBACK and ``warm`` once
+    every device has reported a sequence; writes ``[topic, last_seq, time]`` rows to ``out`` when its
+    stdin closes."""
+    rows: list[tuple[str, int, float]] = []
+    seen: set[str] = set()
+    warm = threading.Event()
+    subscribed = threading.Event()
+
+    def on_message(_c: Any, _u: Any, message: paho.MQTTMessage) -> None:
+        now = time.time()
+        if not message.payload:
+            return
+        last_seq = json.loads(message.payload).get("last_seq")
+        if last_seq is not None:
+            rows.append((message.topic, last_seq, now))
+            if not warm.is_set():
+                seen.add(message.topic)
+                if len(seen) >= devices:
+                    warm.set()
+
+    watcher = connect(MqttSettings(host=host, port=port), client_class=TwinClient)
+    watcher.on_message = on_message
+    watcher.on_subscribe = lambda *_a: subscribed.set()
+    watcher.subscribe(topics.device_filter(Kind.TWIN, tenant), 1)
+    subscribed.wait(10)
+    print("subscribed", flush=True)
+    if warm.wait(120):
+        print("warm", flush=True)
+    sys.stdin.read()  # until the parent closes it
+    watcher.disconnect()
+    watcher.loop_stop()
+    Path(out).write_text(json.dumps(rows))
+    return 0
+
+
 def latency(settings: MqttSettings, samples_per_s: float, duration_s: float, devices: int,
             workdir: Path) -> dict[str, Any]:
     workdir.mkdir(parents=True, exist_ok=True)
@@ -358,42 +397,31 @@ def latency(settings: MqttSettings, samples_per_s: float, duration_s: float, dev
     process = subprocess.Popen([sys.executable, "-m", "forgeline.cli", "twin", "--config", str(workdir / "twin.json")],
                                stdout=subprocess.DEVNULL, stderr=(workdir / "twin.log").open("wb"), cwd=REPO,
                                env={**os.environ, "PYTHONPATH": str(REPO)})
-    received: dict[str, list[tuple[int, float]]] = {}
-    lock = threading.Lock()
-    # The watcher and the publisher below run on the twin's client: at a fifth of today's rates (2-3 M
-    # samples/s) this process on stock paho took 0.7-0.8 of a core and was itself what fell behind.
-    watcher = connect(settings, client_class=TwinClient)
-
-    def on_message(_c: Any, _u: Any, message: paho.MQTTMessage) -> None:
-        now = time.perf_counter()
-        if not message.payload:
-            return
-        last_seq = json.loads(message.payload).get("last_seq")
-        if last_seq is not None:
-            with lock:
-                received.setdefault(message.topic, []).append((last_seq, now))
-
-    watcher.on_message = on_message
-    watcher.subscribe(topics.device_filter(Kind.TWIN, tenant), 1)
+    # The watcher is a process of its own and the publisher runs on the twin's client: in this process,
+    # at a fifth of today's rates (2-3 M samples/s), the bench itself was what fell behind.
+    rows_file = workdir / "arrivals.json"
+    watcher = subprocess.Popen([sys.executable, __file__, "--watch", settings.host, str(settings.port), tenant,
+                                str(devices), str(rows_file)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               text=True, cwd=REPO)
+    assert watcher.stdout is not None and watcher.stdin is not None
     try:
+        if watcher.stdout.readline().strip() != "subscribed":
+            raise RuntimeError("the twin-state watcher did not subscribe")
         refs = births(tenant, devices, CHANNELS)
         publish_all(settings, [(ref.status_topic, payload) for ref, payload in refs], retain=True)
-        deadline = time.monotonic() + 60
-        while len(received) < 0 and time.monotonic() < deadline:
-            time.sleep(0.1)
         # wait until the twin has registered every device (its first twin states carry no last_seq)
         time.sleep(1.0)
         warm = [(ref.telemetry_topic, batched_payload(0, CHANNELS, STEPS)) for ref, _ in refs]
         publish_all(settings, warm)  # compiles nothing new, but fills the caches
-        deadline = time.monotonic() + 60
-        while sum(1 for v in received.values() if v) < devices and time.monotonic() < deadline:
-            time.sleep(0.05)
+        if watcher.stdout.readline().strip() != "warm":
+            raise RuntimeError("the twin did not report every device within 120 s")
         payloads = [batched_payload(seq, CHANNELS, STEPS) for seq in range(1, 1 + int(duration_s * rate) + 1)]
         client = connect(settings, client_class=TwinClient)
         sent: dict[tuple[str, int], float] = {}
         n = int(duration_s * rate)
         log(f"[latency] {rate:.0f} msgs/s = {samples_per_s / 1e3:.0f}k samples/s for {duration_s:.0f}s")
         started = time.perf_counter()
+        wall_offset = time.time() - started  # perf_counter -> wall clock, which the watcher records
         for k in range(n):
             ref = refs[k % devices][0]
             seq = 1 + k // devices
@@ -401,19 +429,23 @@ def latency(settings: MqttSettings, samples_per_s: float, duration_s: float, dev
             pause = due - time.perf_counter()
             if pause > 0:
                 time.sleep(pause)
-            sent[(ref.twin_topic, seq)] = time.perf_counter()
+            sent[(ref.twin_topic, seq)] = time.perf_counter() + wall_offset
             client.publish(ref.telemetry_topic, payloads[seq - 1], qos=1)
         time.sleep(2.0)
         client.disconnect()
         client.loop_stop()
+        watcher.stdin.close()
+        watcher.wait(30)
+        received: dict[str, list[tuple[int, float]]] = {}
+        for topic, seq, at in json.loads(rows_file.read_text()):
+            received.setdefault(topic, []).append((seq, at))
         latencies = []
         timeline = []
-        with lock:
-            for (topic, seq), at in sent.items():
-                arrivals = [t for s, t in received.get(topic, []) if s >= seq and t >= at]
-                if arrivals:
-                    latencies.append((min(arrivals) - at) * 1000)
-                    timeline.append((at - started, latencies[-1]))
+        for (topic, seq), at in sent.items():
+            arrivals = [t for s, t in received.get(topic, []) if s >= seq and t >= at]
+            if arrivals:
+                latencies.append((min(arrivals) - at) * 1000)
+                timeline.append((at - started - wall_offset, latencies[-1]))
         slowest = sorted(timeline, key=lambda x: -x[1])[:8]
         log(f"[latency] slowest (send time s, latency ms): {[(round(a, 2), round(b, 1)) for a, b in slowest]}")
         latencies.sort()
@@ -427,8 +459,8 @@ def latency(settings: MqttSettings, samples_per_s: float, duration_s: float, dev
         log(f"[latency] {json.dumps(result)}")
         return result
     finally:
-        watcher.disconnect()
-        watcher.loop_stop()
+        if watcher.poll() is None:
+            watcher.kill()
         process.terminate()
         try:
             process.wait(15)
@@ -440,7 +472,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller streams (a smoke run)")
     parser.add_argument("--aiomqtt", action="store_true", help="also drain with a bare aiomqtt subscriber")
+    parser.add_argument("--watch", nargs=5, metavar=("HOST", "PORT", "TENANT", "DEVICES", "OUT"),
+                        help=argparse.SUPPRESS)  # the latency test's watcher process
     args = parser.parse_args()
+    if args.watch:
+        host, port, tenant, devices, out = args.watch
+        return watch(host, int(port), tenant, int(devices), out)
     scale = 0.2 if args.quick else 1.0
     workdir = Path(tempfile.mkdtemp(prefix="twin-bench-"))
     broker = start_mosquitto(workdir=workdir / "mosquitto")
