@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+from core_support import rewrite_snapshot
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_core_reference import SMALL as REF_SMALL
@@ -35,6 +36,13 @@ def _plant(n: int, seed: int, shift_at: int | None = None, shift: float = 1.5) -
         flow[shift_at:] -= shift
     current = 2.0 + 0.05 * flow + rng.normal(0.0, 0.02, n)
     return np.column_stack([temperature, flow, current])
+
+
+def _send(target: FleetCore, rows: np.ndarray, lo: int, hi: int) -> None:
+    """Rows ``lo:hi`` of a three-channel plant to device 0, one tick per second."""
+    block = rows[lo:hi]
+    t = T0 + np.repeat(np.arange(lo, hi), 3) * S
+    target.ingest(np.zeros(block.size, np.int32), np.tile(np.arange(3, dtype=np.int32), hi - lo), t, block.ravel())
 
 
 def test_kernel_matches_reference_on_plant_data() -> None:
@@ -180,17 +188,12 @@ def test_fleet_events_and_snapshot_with_mewma() -> None:
     core = FleetCore(max_devices=1, channels_per_device=3, config=SMALL)
     d = core.add_device("acme/s/a/p1", technology="FDM", channels=["t", "f", "c"])
 
-    def send(target: FleetCore, lo: int, hi: int) -> None:
-        block = rows[lo:hi]
-        t = T0 + np.repeat(np.arange(lo, hi), 3) * S
-        target.ingest(np.zeros(block.size, np.int32), np.tile(np.arange(3, dtype=np.int32), hi - lo), t, block.ravel())
-
-    send(core, 0, 200)
+    _send(core, rows, 0, 200)
     restored = FleetCore.restore(core.snapshot())
     for name in FleetCore._ARRAYS:
         np.testing.assert_array_equal(getattr(restored, name), getattr(core, name))
-    send(core, 200, 400)
-    send(restored, 200, 400)
+    _send(core, rows, 200, 400)
+    _send(restored, rows, 200, 400)
     assert restored.kpis(d) == core.kpis(d)
     events = core.drain_events()
     assert [e.phase for e in events][:1] == ["start"]
@@ -204,36 +207,21 @@ def test_snapshot_from_before_the_rebaselining_fields_restores() -> None:
     """A mewma snapshot written before the re-baselining fields existed (5 device fields, 4 per
     channel) restores: the old fields as they were, no episode open, the local level at the last
     complete row (as the fit leaves it), and the restored core keeps scoring."""
-    import io
-
     rows = _plant(400, 5, shift_at=300, shift=4.0)
     core = FleetCore(max_devices=1, channels_per_device=3, config=SMALL)
     d = core.add_device("acme/s/a/p1", technology="FDM", channels=["t", "f", "c"])
 
-    def send(target: FleetCore, lo: int, hi: int) -> None:
-        block = rows[lo:hi]
-        t = T0 + np.repeat(np.arange(lo, hi), 3) * S
-        target.ingest(np.zeros(block.size, np.int32), np.tile(np.arange(3, dtype=np.int32), hi - lo), t, block.ravel())
-
-    send(core, 0, 200)
+    _send(core, rows, 0, 200)
     assert core.mv_dev[d, MV_K] > 0  # fitted
-    blob = core.snapshot()
-    magic = b"FLCORE1\n"
-    size = int.from_bytes(blob[len(magic) : len(magic) + 8], "little")
-    header = blob[len(magic) + 8 : len(magic) + 8 + size]
-    with np.load(io.BytesIO(blob[len(magic) + 8 + size :])) as data:
-        arrays = {name: data[name] for name in data.files}
-    arrays["mv_dev"] = arrays["mv_dev"][:, :5]
-    arrays["mv_aux"] = arrays["mv_aux"][:, :, :4]
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
-    restored = FleetCore.restore(magic + len(header).to_bytes(8, "little") + header + buffer.getvalue())
+    old = rewrite_snapshot(core.snapshot(), lambda arrays: {
+        **arrays, "mv_dev": arrays["mv_dev"][:, :5], "mv_aux": arrays["mv_aux"][:, :, :4]})
+    restored = FleetCore.restore(old)
     np.testing.assert_array_equal(restored.mv_dev[d, :5], core.mv_dev[d, :5])
     assert not restored.mv_dev[d, 5:].any()  # no episode open
     np.testing.assert_array_equal(restored.mv_aux[d, :, :4], core.mv_aux[d, :, :4])
     np.testing.assert_array_equal(restored.mv_aux[d, :, MA_LEVEL], core.mv_aux[d, :, MA_PREV])
     assert not restored.mv_aux[d, :, MA_LOCAL].any()
-    send(restored, 200, 400)
+    _send(restored, rows, 200, 400)
     assert restored.drain_events()[0].phase == "start"  # the flow drop at row 300 still alarms
     assert restored.kpis(d)["anomaly_score"] > 0.8  # type: ignore[operator]
 

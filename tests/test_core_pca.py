@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+from core_support import rewrite_snapshot
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -143,18 +144,10 @@ def test_memory_only_when_multivariate() -> None:
 
 def test_snapshot_without_multivariate_arrays_still_restores() -> None:
     """A snapshot written before the pca detector existed has no mv_* arrays; it restores exactly."""
-    import io
-
     core = FleetCore(max_devices=1, channels_per_device=2)
     d = core.add_device("acme/s/a/p1", technology="FDM", channels=["x"])
     core.ingest(np.array([d]), np.array([0]), np.array([T0]), np.array([1.5]))
     blob = core.snapshot()
-    magic = b"FLCORE1\n"
-    size = int.from_bytes(blob[len(magic) : len(magic) + 8], "little")
-    head = blob[: len(magic) + 8 + size]
-    with np.load(io.BytesIO(blob[len(head) :])) as data:
-        old = {name: data[name] for name in data.files if not name.startswith("mv_")}
-    buffer = io.BytesIO()
-    np.savez(buffer, **old)
-    restored = FleetCore.restore(head + buffer.getvalue())
+    old = rewrite_snapshot(blob, lambda arrays: {k: v for k, v in arrays.items() if not k.startswith("mv_")})
+    restored = FleetCore.restore(old)
     assert restored.snapshot() == blob
