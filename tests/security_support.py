@@ -90,7 +90,8 @@ def probe(settings: MqttSettings, **kw: Any) -> Probe:
 # --- raw MQTT packets ---------------------------------------------------------------------------
 
 
-def _varint(n: int) -> bytes:
+def remaining_length(n: int) -> bytes:
+    """MQTT's variable-length integer (the fixed header's remaining length)."""
     out = bytearray()
     while True:
         byte, n = n % 128, n // 128
@@ -113,13 +114,13 @@ def connect_packet(client_id: str, username: str | None = None, password: str | 
         body += _str(username)
     if password is not None:
         body += _str(password)
-    return bytes([0x10]) + _varint(len(body)) + body
+    return bytes([0x10]) + remaining_length(len(body)) + body
 
 
 def publish_packet(topic: str, payload: bytes) -> bytes:
     """An MQTT 3.1.1 PUBLISH packet at QoS 0."""
     body = _str(topic) + payload
-    return bytes([0x30]) + _varint(len(body)) + body
+    return bytes([0x30]) + remaining_length(len(body)) + body
 
 
 def tls_socket(host: str, port: int, ca_file: str, cert: tuple[str, str] | None, timeout: float = 5) -> ssl.SSLSocket:

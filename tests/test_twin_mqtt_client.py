@@ -15,19 +15,11 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from security_support import remaining_length
 
 from twin.mqtt_client import TwinClient, supported
 
 pytestmark = pytest.mark.skipif(not supported(), reason="this paho lacks the internals TwinClient builds on")
-
-
-def _remaining_length(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n % 128, n // 128
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
 
 
 def publish_packet(topic: bytes, payload: bytes, *, qos: int = 1, mid: int = 1, dup: bool = False,
@@ -40,7 +32,7 @@ def publish_packet(topic: bytes, payload: bytes, *, qos: int = 1, mid: int = 1, 
         body += properties
     body += payload
     header = 0x30 | (qos << 1) | (0x08 if dup else 0) | (0x01 if retain else 0)
-    return bytes([header]) + _remaining_length(len(body)) + body
+    return bytes([header]) + remaining_length(len(body)) + body
 
 
 def _props(**values: Any) -> bytes:
