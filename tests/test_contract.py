@@ -3,6 +3,7 @@ schemas accept good payloads and reject bad ones with a readable reason."""
 
 from __future__ import annotations
 
+import json
 import math
 import struct
 
@@ -169,3 +170,32 @@ def test_status_schema_examples() -> None:
         schemas.loads("status", b" " * (schemas.MAX_JSON_PAYLOAD + 1))
     with pytest.raises(schemas.PayloadError, match="not valid JSON"):
         schemas.loads("status", b"[" * 100_000)
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=20,
+)
+
+
+@given(json_values)
+def test_dumps_with_orjson_decodes_like_the_standard_library(document: object) -> None:
+    """The twin encodes with orjson where installed: the bytes may differ (UTF-8 for non-ASCII, float
+    spelling), the decoded document may not."""
+    pytest.importorskip("orjson")
+    fast = schemas.dumps(document)
+    plain = json.dumps(document, separators=(",", ":"), allow_nan=False).encode()
+    assert json.loads(fast) == json.loads(plain)
+
+
+def test_dumps_falls_back_and_nan_becomes_null(monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("orjson")
+    huge = {"n": 2**70, 3: "int key"}
+    assert json.loads(schemas.dumps(huge)) == {"n": 2**70, "3": "int key"}  # beyond orjson: the library
+    assert json.loads(schemas.dumps({"x": math.nan, "y": [math.inf]})) == {"x": None, "y": [None]}
+    monkeypatch.setattr(schemas, "_orjson", None)  # a gateway without orjson
+    assert json.loads(schemas.dumps({"a": "ü", 1: 2.5})) == {"a": "ü", "1": 2.5}
+    with pytest.raises(ValueError):
+        schemas.dumps({"x": math.nan})

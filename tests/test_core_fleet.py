@@ -121,6 +121,42 @@ def test_out_of_order_state_gives_the_same_kpis() -> None:
         assert shuffled.window_kpis(d2, window, now) == in_order.window_kpis(d, window, now)  # type: ignore[arg-type]
 
 
+def test_kpis_of_chosen_devices_match_the_per_device_kpis() -> None:
+    """kpi_table is the twin's one compiled pass per publishing round: for any subset, in any order,
+    with repeats, each row equals kpis(device) (NaN where kpis says None)."""
+    core = FleetCore(max_devices=6, channels_per_device=8, config=CoreConfig(warmup_samples=10))
+    channels = ["state", "chamber_temp", "produced_total", "good_total", "layer_progress"]
+    ids = [core.add_device(f"acme/b/h/p{i}", technology="SLS", channels=channels, planned_cycle_time_s=20.0 + i)
+           for i in range(6)]
+    for i, d in enumerate(ids[:5]):  # the last device never reports
+        _send(core, d, [("state", T0, DeviceState.HEATING), ("produced_total", T0, 10 * i)])
+        _send(core, d, [("state", T0 + (100 + 50 * i) * S, DeviceState.PRINTING)])
+        _send(core, d, [("produced_total", T0 + 900 * S, 10 * i + 7 + i), ("good_total", T0 + 900 * S, 5 + i)])
+        for k in range(60):
+            hot = 40.0 if i == 3 and k > 50 else 0.0
+            _send(core, d, [("chamber_temp", T0 + (k * 15 + 1) * S, 170.0 + (k % 5) + hot)])
+    core.start_build(ids[2], t_us=T0, job_id="j", chamber_volume_cm3=20_000.0, part_volumes_cm3=[3000.0],
+                     build_height_mm=100.0, chamber_height_mm=300.0)
+    _send(core, ids[2], [("layer_progress", T0 + 950 * S, 0.5)])
+    now = T0 + 1000 * S
+    for chosen in ([ids[2]], [ids[5], ids[0], ids[3], ids[2]], [ids[2], ids[1], ids[2]], ids, []):
+        table = core.kpi_table(chosen, now_us=now)
+        assert table.shape == (len(chosen), len(core.KPI_COLUMNS))
+        for row, d in enumerate(chosen):
+            one = core.kpis(d, now_us=now)
+            assert set(one) == set(core.KPI_COLUMNS)
+            for column, key in enumerate(core.KPI_COLUMNS):
+                if one[key] is None:
+                    assert np.isnan(table[row, column]), (d, key)
+                else:
+                    assert table[row, column] == pytest.approx(one[key]), (d, key)
+    fill = core.KPI_COLUMNS.index("chamber_fill")
+    assert core.kpi_table([ids[2], ids[2]], now_us=now)[:, fill] == pytest.approx([0.15, 0.15])
+    assert not np.isnan(core.kpis_all(now_us=now)["anomaly_score"][ids[0]])
+    with pytest.raises(CoreError, match="unknown device"):
+        core.kpi_table([len(core.devices)])
+
+
 def test_chamber_fill_packing_density_and_realised_fill() -> None:
     core, d = _core()
     core.start_build(

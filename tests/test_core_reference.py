@@ -79,7 +79,7 @@ def _compare(core: FleetCore, ref: ReferenceFleet, config: CoreConfig) -> None:
         return
     for d in range(2):
         for level, spec in enumerate([*config.windows, None]):
-            got = core._totals(level, now // 1000, slice(d, d + 1))[0]
+            got = core._totals(level, now // 1000, np.array([d]))[0]
             want = ref.window_totals(d, spec.length_s if spec else None, now, shift=spec is None)
             assert got[BV_PRODUCING_MS] == want["producing"]
             assert got[BV_BUSY_MS] == want["busy"]

@@ -469,11 +469,9 @@ class TwinService:
             due = [d for d in due if d not in set(foreign)]
             if not due:
                 return
-        rows = self.state.kpi_rows(due)
-        for index in due:
-            document = self.state.twin_document(index, rows[index], now)
-            device = self.ingestor.registry.by_index[index]
-            self._publish(device.ref.twin_topic, document, retain=True)
+        by_index = self.ingestor.registry.by_index
+        for index, document in zip(due, self.state.twin_documents(due, now), strict=True):
+            self._publish(by_index[index].ref.twin_topic, document, retain=True)
             self._last_published[index] = now
             self._dirty.discard(index)
 

@@ -14,6 +14,11 @@ from typing import Any
 
 from forgeline.contract.vocabulary import DeviceState, Technology
 
+try:  # the twin's extra installs it: ~10x the standard library's encoder, ~1.5 µs for a twin state
+    import orjson as _orjson
+except ImportError:  # a gateway without it encodes with the standard library
+    _orjson = None  # type: ignore[assignment]
+
 Schema = dict[str, Any]
 
 MAX_JSON_PAYLOAD = 256 * 1024  # bytes; larger JSON messages are dead-lettered unread
@@ -713,5 +718,16 @@ def loads(name: str, payload: bytes | str) -> Any:
 
 
 def dumps(document: Any) -> bytes:
-    """Compact JSON for the wire. NaN and infinity are not JSON: they become null upstream."""
+    """Compact JSON for the wire, UTF-8. NaN and infinity are not JSON: documents carry null instead
+    (the builders replace them; orjson writes null for any left, the standard library raises).
+
+    With orjson installed (the twin's extra) non-ASCII text is written as UTF-8 rather than
+    ``\\u`` escapes; both decode to the same document. What orjson cannot encode (integers beyond
+    64 bits, unusual types) goes through the standard library.
+    """
+    if _orjson is not None:
+        try:
+            return _orjson.dumps(document, option=_orjson.OPT_NON_STR_KEYS)
+        except TypeError:  # orjson.JSONEncodeError: fall through to the standard library's rules
+            pass
     return json.dumps(document, separators=(",", ":"), allow_nan=False).encode("utf-8")

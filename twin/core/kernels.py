@@ -52,6 +52,7 @@ from twin.core.layout import (
     DF_MEAN,
     DF_N,
     DF_PEAK,
+    DF_PLANNED_CYCLE_S,
     DF_SCORE,
     DF_SUM,
     DF_VAR,
@@ -1653,6 +1654,54 @@ def core_events(state: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndar
 # ================================================================================================
 
 
+@njit(**NJIT_INLINE)
+def _row_totals(
+    bid: np.ndarray,
+    bval: np.ndarray,
+    levels: np.ndarray,
+    level: int,
+    now_ms: int,
+    st_t: np.ndarray,
+    st_code: np.ndarray,
+    devi: np.ndarray,
+    hold_ms: int,
+    silence_ms: int,
+    d: int,
+    out: np.ndarray,
+    i: int,
+) -> None:
+    size = levels[level, LV_BUCKET_MS]
+    origin = levels[level, LV_ORIGIN_MS]
+    count = levels[level, LV_COUNT]
+    offset = levels[level, LV_OFFSET]
+    current = (now_ms - origin) // size
+    oldest = current - count + 1
+    window_start = origin + oldest * size
+    for f in range(out.shape[1]):
+        out[i, f] = 0.0
+    for k in range(count):
+        slot = offset + k
+        b = bid[d, slot]
+        if oldest <= b <= current:
+            for f in range(bval.shape[2]):
+                out[i, f] += bval[d, slot, f]
+    n_points = devi[d, DI_STATE_COUNT]
+    if n_points == 0:
+        return
+    last_t = st_t[d, n_points - 1]
+    state = st_code[d, n_points - 1]
+    lo = max(last_t, window_start)
+    hi = min(now_ms, last_t + hold_ms, max(devi[d, DI_LAST_SEEN_MS], last_t) + silence_ms)
+    if hi > lo:
+        out[i, BV_KNOWN_MS] += hi - lo
+        if _PLANNED_BUSY[state] == 1:
+            out[i, BV_BUSY_MS] += hi - lo
+        if state == PRODUCING_STATE:
+            out[i, BV_PRODUCING_MS] += hi - lo
+    start = max(window_start, devi[d, DI_FIRST_STATE_MS])
+    out[i, 6] = max(now_ms - start, 0)
+
+
 @njit(**NJIT_OPTIONS)
 def window_totals(
     bid: np.ndarray,
@@ -1665,43 +1714,72 @@ def window_totals(
     devi: np.ndarray,
     hold_ms: int,
     silence_ms: int,
+    rows: np.ndarray,
     out: np.ndarray,
 ) -> None:
-    """Per device: the bucket sums of one level's window ending at ``now_ms``, plus the still-open
-    state interval ``[last state sample, now)``, and in ``out[:, 6]`` the calendar time (ms) the
-    window covers for that device (from the window start or the device's first state, if later).
+    """Per device ``rows[i]``, in ``out[i]``: the bucket sums of one level's window ending at
+    ``now_ms``, plus the still-open state interval ``[last state sample, now)``, and in ``out[i, 6]``
+    the calendar time (ms) the window covers for that device (from the window start or the device's
+    first state, if later).
 
     The window is the level's whole ring: the current bucket and the ``count - 1`` before it (for
     15 min in 1-min buckets: the current minute and the 15 before it, so it spans 15 to 16 min).
     """
-    size = levels[level, LV_BUCKET_MS]
-    origin = levels[level, LV_ORIGIN_MS]
-    count = levels[level, LV_COUNT]
-    offset = levels[level, LV_OFFSET]
-    current = (now_ms - origin) // size
-    oldest = current - count + 1
-    window_start = origin + oldest * size
-    for d in range(out.shape[0]):
-        for f in range(out.shape[1]):
-            out[d, f] = 0.0
-        for k in range(count):
-            slot = offset + k
-            b = bid[d, slot]
-            if oldest <= b <= current:
-                for f in range(bval.shape[2]):
-                    out[d, f] += bval[d, slot, f]
-        n_points = devi[d, DI_STATE_COUNT]
-        if n_points == 0:
-            continue
-        last_t = st_t[d, n_points - 1]
-        state = st_code[d, n_points - 1]
-        lo = max(last_t, window_start)
-        hi = min(now_ms, last_t + hold_ms, max(devi[d, DI_LAST_SEEN_MS], last_t) + silence_ms)
-        if hi > lo:
-            out[d, BV_KNOWN_MS] += hi - lo
-            if _PLANNED_BUSY[state] == 1:
-                out[d, BV_BUSY_MS] += hi - lo
-            if state == PRODUCING_STATE:
-                out[d, BV_PRODUCING_MS] += hi - lo
-        start = max(window_start, devi[d, DI_FIRST_STATE_MS])
-        out[d, 6] = max(now_ms - start, 0)
+    for i in range(rows.shape[0]):
+        _row_totals(bid, bval, levels, level, now_ms, st_t, st_code, devi, hold_ms, silence_ms, rows[i], out, i)
+
+
+# the columns of kpi_table's output (FleetCore.KPI_COLUMNS names them; the build's fill columns are
+# set by FleetCore.kpi_table from its build records)
+(KPI_UTILIZATION, KPI_AVAILABILITY, KPI_EFFECTIVENESS, KPI_QUALITY, KPI_OEE, KPI_CHAMBER_FILL,
+ KPI_PACKING_DENSITY, KPI_FILL_REALISED, KPI_SCORE, KPI_STATE) = range(10)
+KPI_FIELDS = 10
+
+
+@njit(**NJIT_OPTIONS)
+def kpi_table(
+    bid: np.ndarray,
+    bval: np.ndarray,
+    levels: np.ndarray,
+    level: int,
+    now_ms: int,
+    st_t: np.ndarray,
+    st_code: np.ndarray,
+    devi: np.ndarray,
+    devf: np.ndarray,
+    warm_n: np.ndarray,
+    warm_min: float,
+    hold_ms: int,
+    silence_ms: int,
+    rows: np.ndarray,
+    totals: np.ndarray,
+    out: np.ndarray,
+) -> None:
+    """The KPIs of devices ``rows[i]`` in ``out[i, KPI_*]`` (NaN where not defined; the fill columns
+    NaN, the caller sets them from its build records), in one call: the
+    window totals as :func:`window_totals`, then ISO 22400-2 as ``fleet.oee_from_totals``, the
+    combined anomaly score once past warm-up (``warm_n[d] >= warm_min``) and the latest state code."""
+    nan = np.nan
+    for i in range(rows.shape[0]):
+        d = rows[i]
+        _row_totals(bid, bval, levels, level, now_ms, st_t, st_code, devi, hold_ms, silence_ms, d, totals, i)
+        producing = totals[i, BV_PRODUCING_MS]
+        busy = totals[i, BV_BUSY_MS]
+        produced = totals[i, BV_PRODUCED]
+        good = totals[i, BV_GOOD] if devi[d, DI_HAS_GOOD] == 1 else produced - totals[i, BV_SCRAP]
+        calendar = totals[i, 6]
+        utilization = producing / calendar if calendar > 0 else nan
+        availability = producing / busy if busy > 0 else nan
+        effectiveness = devf[d, DF_PLANNED_CYCLE_S] * 1000.0 * produced / producing if producing > 0 else nan
+        quality = max(good, 0.0) / produced if produced > 0 else nan
+        out[i, KPI_UTILIZATION] = utilization
+        out[i, KPI_AVAILABILITY] = availability
+        out[i, KPI_EFFECTIVENESS] = effectiveness
+        out[i, KPI_QUALITY] = quality
+        out[i, KPI_OEE] = availability * effectiveness * quality
+        out[i, KPI_CHAMBER_FILL] = nan
+        out[i, KPI_PACKING_DENSITY] = nan
+        out[i, KPI_FILL_REALISED] = nan
+        out[i, KPI_SCORE] = devf[d, DF_SCORE] if warm_n[d] >= warm_min else nan
+        count = devi[d, DI_STATE_COUNT]
+        out[i, KPI_STATE] = st_code[d, count - 1] if count > 0 else nan
