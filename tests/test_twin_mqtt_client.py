@@ -8,6 +8,7 @@ import random
 import select
 import socket
 import struct
+import threading
 from typing import Any
 
 import paho.mqtt.client as paho
@@ -168,3 +169,59 @@ def test_lazy_properties_and_info_of_a_fast_decoded_message() -> None:
     assert message.info.mid == 9 and message.info is message.info
     message.properties = None
     assert message.properties is None
+
+
+def _offline(cls: type[paho.Client]) -> paho.Client:
+    """A client whose queued packets stay in ``_out_packet`` (a socket to make paho queue, and a network
+    thread it believes runs, so nothing is written)."""
+    client = cls(CallbackAPIVersion.VERSION2, client_id="c", protocol=paho.MQTTv5)
+    client.manual_ack_set(True)
+    client._sock = socket.socket()
+    client._thread = threading.Thread(target=lambda: None)
+    return client
+
+
+def _traffic(client: paho.Client) -> None:
+    client.ack(7, 1)
+    for k in range(5):
+        client.publish(f"t/{k}", f"state {k}".encode(), qos=1, retain=True)
+    client.publish("t/q0", b"at most once", qos=0)  # paho reports it once written: queued on its own
+    client.ack(8, 1)
+    client.publish("t/last", b"x" * 300, qos=1)
+
+
+def test_batch_queues_the_same_bytes_as_one_write() -> None:
+    stock, ours = _offline(paho.Client), _offline(TwinClient)
+    try:
+        _traffic(stock)
+        with ours.batch():
+            with ours.batch():  # nested: the outer block writes
+                _traffic(ours)
+            assert not ours._out_packet or len(ours._out_packet) == 2  # only what the QoS 0 publish flushed
+        stock_bytes = [bytes(p["packet"]) for p in stock._out_packet]
+        ours_bytes = [bytes(p["packet"]) for p in ours._out_packet]
+        assert len(stock_bytes) == 9 and len(ours_bytes) == 3  # before, the QoS 0 publish, after
+        assert b"".join(ours_bytes) == b"".join(stock_bytes)
+        assert ours_bytes[1] == stock_bytes[6] and ours._out_packet[1]["qos"] == 0
+        # paho still tracks every QoS 1 message (PUBACK, a resend after a reconnect)
+        assert sorted(ours._out_messages) == sorted(stock._out_messages) and len(ours._out_messages) == 6
+    finally:
+        stock._sock.close()
+        ours._sock.close()
+
+
+def test_batch_leaves_other_threads_packets_alone() -> None:
+    client = _offline(TwinClient)
+    try:
+        with client.batch():
+            client.publish("mine/1", b"a", qos=1)
+            other = threading.Thread(target=lambda: client.publish("theirs", b"b", qos=1))
+            other.start()
+            other.join()
+            assert [bytes(p["packet"])[-1:] for p in client._out_packet] == [b"b"]  # queued at once
+            client.publish("mine/2", b"c", qos=1)
+        assert len(client._out_packet) == 2
+        mine = bytes(client._out_packet[1]["packet"])
+        assert b"theirs" not in mine and mine.index(b"mine/1") < mine.index(b"mine/2")
+    finally:
+        client._sock.close()
