@@ -257,6 +257,14 @@ def test_metrics_and_health_endpoints(
     assert f'forgeline_twin_batches_duplicate_total{{worker="{worker}"}} 1.0' in text
     assert f'forgeline_twin_dead_letters_total{{reason="TelemetryError",worker="{worker}"}} 1.0' in text
     assert f'forgeline_twin_devices{{worker="{worker}"}} 1.0' in text
+
+    def value(name: str) -> float:
+        prefix = f"forgeline_twin_{name}{{"
+        return next(float(line.split()[-1]) for line in text.splitlines() if line.startswith(prefix))
+
+    assert value("cycles_total") >= 1 and 0.0 < value("cycle_seconds_total") < 10.0
+    assert value("twin_states_published_total") >= 1  # the state the watch saw, at least
+    assert value("publish_failures_total") == 0 and value("outgoing_packets") >= 0
     lag = next(float(line.split()[-1]) for line in text.splitlines() if line.startswith("forgeline_twin_lag_seconds"))
     assert 0.0 < lag < 5.0  # receive -> processed of the last cycle, measured
     health = json.loads(urllib.request.urlopen(f"{url}/healthz", timeout=5).read())

@@ -80,6 +80,13 @@ class TwinCollector(Collector):
         yield counter("dead_letters_suppressed", "dead letters counted but not published (rate limit)",
                       service.dead_letters_suppressed)
         yield counter("anomaly_events", "anomaly events opened or closed", counters.anomaly_events)
+        yield counter("cycles", "ingest cycles that processed messages", service.cycles)
+        yield counter("cycle_seconds", "time spent in those cycles (decode, core, twin states, acknowledgements)",
+                      service.cycle_seconds)
+        yield counter("twin_states_published", "retained twin states published", service.twin_states_published)
+        yield counter("publish_failures", "publishes paho refused (not connected, queue full)",
+                      service.publish_failures)
+        yield gauge("outgoing_packets", "packets queued for the broker, not yet written", service.outgoing_packets)
         yield gauge("devices", "devices known", len(service.ingestor.registry))
         yield gauge("queue_depth", "messages received, not yet processed", service.queue_depth)
         yield gauge("lag_seconds", "receive to processed time of the last cycle's oldest message", service.lag_s)

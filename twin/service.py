@@ -111,6 +111,9 @@ class TwinService:
         self._started_at = 0.0
         self.last_cycle_at = 0.0
         self.publish_failures = 0
+        self.twin_states_published = 0
+        self.cycles = 0  # cycles that processed messages, and their time (for /metrics)
+        self.cycle_seconds = 0.0
         self.lag_s = 0.0  # receive -> processed, of the last cycle's oldest message
         self.snapshots: Snapshotter | None = None
         self.writer: Any = None  # twin.influx.InfluxWriter when configured
@@ -357,6 +360,15 @@ class TwinService:
         self.last_cycle_at = now
         if not messages:
             return False
+        started = time.perf_counter()
+        try:
+            self._process(messages, now)
+        finally:
+            self.cycles += 1
+            self.cycle_seconds += time.perf_counter() - started
+        return True
+
+    def _process(self, messages: list[paho.MQTTMessage], now: float) -> None:
         client = self._client
         api: list[paho.MQTTMessage] = []
         work: list[tuple[str, bytes]] = []
@@ -393,7 +405,6 @@ class TwinService:
             self._publish_result(result, now)
             for message in api:
                 self._answer(message)
-        return True
 
     @staticmethod
     def _sending(client: paho.Client | None) -> AbstractContextManager[None]:
@@ -478,6 +489,7 @@ class TwinService:
         by_index = self.ingestor.registry.by_index
         for index, document in zip(due, self.state.twin_documents(due, now), strict=True):
             self._publish(by_index[index].ref.twin_topic, document, retain=True)
+            self.twin_states_published += 1
             self._last_published[index] = now
             self._dirty.discard(index)
 
@@ -547,6 +559,12 @@ class TwinService:
     def offloaded(self) -> bool:
         """Whether cycles run in the ingest thread now (``cycle_thread`` ingest, or auto with large messages)."""
         return self._offload
+
+    @property
+    def outgoing_packets(self) -> int:
+        """Packets queued for the broker and not yet written (paho's outgoing queue)."""
+        client = self._client
+        return len(getattr(client, "_out_packet", ())) if client is not None else 0
 
     @property
     def queue_depth(self) -> int:
