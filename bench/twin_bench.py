@@ -59,7 +59,7 @@ from paho.mqtt.properties import Properties  # noqa: E402
 from forgeline.broker import start_mosquitto  # noqa: E402
 from forgeline.contract import schemas, telemetry, topics  # noqa: E402
 from forgeline.contract.topics import DeviceRef, Kind  # noqa: E402
-from forgeline.mqtt import MqttSettings, connect, make_client  # noqa: E402
+from forgeline.mqtt import MqttSettings, connect, make_client, remaining_length  # noqa: E402
 from twin.config import TwinConfig  # noqa: E402
 from twin.mqtt_client import TwinClient  # noqa: E402
 from twin.service import TwinService  # noqa: E402
@@ -389,15 +389,6 @@ def watch(host: str, port: int, tenant: str, devices: int, out: str) -> int:
     return 0
 
 
-def _remaining_length(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n % 128, n // 128
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
 class RawPublisher:
     """The latency test's load generator: MQTT 3.1.1 QoS 1 PUBLISH packets built by hand and written
     together every millisecond, PUBACKs read and dropped. On these two shared cores paho's client at
@@ -410,7 +401,7 @@ class RawPublisher:
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         client_id = f"bench-pub-{os.getpid()}".encode()
         body = b"\x00\x04MQTT\x04\x02\x00\x3c" + struct.pack("!H", len(client_id)) + client_id
-        self.sock.sendall(b"\x10" + _remaining_length(len(body)) + body)
+        self.sock.sendall(b"\x10" + remaining_length(len(body)) + body)
         connack = self.sock.recv(4)
         if len(connack) < 4 or connack[0] != 0x20 or connack[3] != 0:
             raise RuntimeError(f"the broker refused the bench publisher: {connack!r}")
@@ -422,7 +413,7 @@ class RawPublisher:
         self.mid = self.mid % 65535 + 1
         encoded = topic.encode()
         body = struct.pack("!H", len(encoded)) + encoded + struct.pack("!H", self.mid) + payload
-        return b"\x32" + _remaining_length(len(body)) + body
+        return b"\x32" + remaining_length(len(body)) + body
 
     def send(self, data: bytes) -> None:
         view = memoryview(data)

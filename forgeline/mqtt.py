@@ -89,6 +89,17 @@ class MqttSettings:
         )
 
 
+def remaining_length(n: int) -> bytes:
+    """MQTT's variable-length integer (a fixed header's remaining length), for tools that write raw
+    packets: the latency bench's load generator and the tests' hand-made packets."""
+    out = bytearray()
+    while True:
+        byte, n = n % 128, n // 128
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
 def make_client(settings: MqttSettings, client_id: str | None = None, *, clean: bool = True,
                 client_class: type[paho.Client] = paho.Client) -> paho.Client:
     """A configured, not yet connected paho client (``client_class``: paho's or a subclass)."""

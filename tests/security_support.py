@@ -14,7 +14,7 @@ from typing import Any
 
 import paho.mqtt.client as paho
 
-from forgeline.mqtt import MqttSettings, connect
+from forgeline.mqtt import MqttSettings, connect, remaining_length
 
 
 @dataclass
@@ -88,16 +88,6 @@ def probe(settings: MqttSettings, **kw: Any) -> Probe:
 
 
 # --- raw MQTT packets ---------------------------------------------------------------------------
-
-
-def remaining_length(n: int) -> bytes:
-    """MQTT's variable-length integer (the fixed header's remaining length)."""
-    out = bytearray()
-    while True:
-        byte, n = n % 128, n // 128
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
 
 
 def _str(s: str | bytes) -> bytes:

@@ -16,8 +16,8 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
-from security_support import remaining_length
 
+from forgeline.mqtt import remaining_length
 from twin.mqtt_client import TwinClient, supported
 
 pytestmark = pytest.mark.skipif(not supported(), reason="this paho lacks the internals TwinClient builds on")
