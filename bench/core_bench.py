@@ -201,7 +201,8 @@ def main() -> int:
     for _ in range(WARMUP_STEPS):
         order = np.random.default_rng(step).permutation(N_DEVICES).astype(np.int32)
         for chunk in range(0, N_DEVICES, 5000):
-            core.ingest(*arrival_batch(np.random.default_rng(step * 100 + chunk), 5000, step, order[chunk:chunk + 5000]))
+            devices = order[chunk : chunk + 5000]
+            core.ingest(*arrival_batch(np.random.default_rng(step * 100 + chunk), 5000, step, devices))
         step += 1
     warm_share = float(np.mean(core.devf[:N_DEVICES, DF_BASE_N] >= core.config.warmup_samples))
     log(f"  devices with a warm baseline: {warm_share:.1%}")
