@@ -55,10 +55,10 @@ def _direct(core: FleetCore, device: np.ndarray, channel: np.ndarray, t_us: np.n
         np.empty(n, np.int64),
     )  # fmt: skip
     n_events = kernels.ingest_batch(
-        device, channel, t_us, values, len(core.devices), core.role, core.chan, core.devf, core.devi,
+        device, channel, t_us, values, core.role, core.chan, core.devf, core.devi,
         core.st_t, core.st_code, core.bid, core.bval, core._levels, core._params, core._stats,
         *events, np.empty(0), core.mv_last, core.mv_mean, core.mv_scale, core.mv_cov, core.mv_eig, core.mv_dev,
-        core.mv_aux, core.mv_lag,
+        core.mv_aux, core.mv_lag, np.zeros((core._levels.shape[0], kernels.LC_FIELDS), np.int64),
     )  # fmt: skip
     delta = core._stats - before
     counts = tuple(int(delta[k]) for k in (ST_ACCEPTED, ST_NONFINITE, ST_INDEX, ST_LATE, ST_VALUE))

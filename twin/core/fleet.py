@@ -206,6 +206,7 @@ def _core_state(core: FleetCore) -> Any:
         "params": core._params, "stats": core._stats, "mv_last": core.mv_last, "mv_mean": core.mv_mean,
         "mv_scale": core.mv_scale, "mv_cov": core.mv_cov, "mv_eig": core.mv_eig, "mv_dev": core.mv_dev,
         "mv_aux": core.mv_aux, "mv_lag": core.mv_lag, "order_scratch": core._order_scratch, "call": core._call,
+        "level_cache": np.zeros((core._levels.shape[0], kernels.LC_FIELDS), dtype=np.int64),
         "ev_device": np.empty(_EVENT_BUFFER, dtype=np.int32), "ev_phase": np.empty(_EVENT_BUFFER, dtype=np.int8),
         "ev_t": np.empty(_EVENT_BUFFER, dtype=np.int64), "ev_score": np.empty(_EVENT_BUFFER, dtype=np.float64),
         "ev_mask": np.empty(_EVENT_BUFFER, dtype=np.int64),

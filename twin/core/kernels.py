@@ -999,10 +999,12 @@ def slot_of(levels: np.ndarray, lvc: np.ndarray, lv: int, bucket: int) -> int:
 
 
 @njit(**NJIT_INLINE)
-def new_level_cache(levels: np.ndarray) -> np.ndarray:
-    lvc = np.zeros((levels.shape[0], LC_FIELDS), dtype=np.int64)
-    lvc[:, LC_START] = 1  # an empty interval: the first look-up of each level divides
-    return lvc
+def reset_level_cache(lvc: np.ndarray) -> None:
+    """Empty the bucket look-up cache (levels × LC_FIELDS) a batch starts with."""
+    for lv in range(lvc.shape[0]):
+        for f in range(LC_FIELDS):
+            lvc[lv, f] = 0
+        lvc[lv, LC_START] = 1  # an empty interval: the first look-up of each level divides
 
 
 @njit(**NJIT_INLINE)
@@ -1228,7 +1230,6 @@ def ingest_batch(
     channel: np.ndarray,
     t_us: np.ndarray,
     values: np.ndarray,
-    n_devices: int,
     role: np.ndarray,
     chan: np.ndarray,
     devf: np.ndarray,
@@ -1254,6 +1255,7 @@ def ingest_batch(
     mv_dev: np.ndarray,
     mv_aux: np.ndarray,
     mv_lag: np.ndarray,
+    lvc: np.ndarray,
 ) -> int:
     """Process one batch; return the number of events written to the ``ev_*`` arrays.
 
@@ -1262,7 +1264,9 @@ def ingest_batch(
     ``tick_scores`` has one slot per sample, each tick's device score is written at the index of
     the tick's last sample (offline scoring); pass an empty array otherwise. The ``mv_*`` arrays
     are the multivariate detector's state (zero-width when the detector is not ``pca`` or
-    ``mewma``; ``mv_aux`` and ``mv_lag`` only for ``mewma``).
+    ``mewma``; ``mv_aux`` and ``mv_lag`` only for ``mewma``). ``lvc`` (levels × ``LC_FIELDS``
+    int64) is scratch for the bucket look-ups, emptied here. A device index past the registered
+    devices finds only ``ROLE_UNUSED`` slots and is counted as a bad index like one past the capacity.
     """
     detector = int(params[P_DETECTOR])
     multivariate = (detector & DET_MULTIVARIATE) != 0
@@ -1283,7 +1287,8 @@ def ingest_batch(
     q_gate = params[P_Q_GATE]
     gated_factor = params[P_GATED_FACTOR]
     adopt_us = params[P_ADOPT_US]
-    lvc = new_level_cache(levels)
+    n_devices = role.shape[0]  # the capacity; unregistered devices' slots are all ROLE_UNUSED
+    reset_level_cache(lvc)
     prefetched = -1  # the device (and its highest channel) of the last prefetch, and of the role's
     prefetched_channel = -1
     prefetched_far = -1
@@ -1531,7 +1536,7 @@ def batch_is_ordered_into(device: np.ndarray, t_us: np.ndarray, scratch: np.ndar
 CORE_STATE_FIELDS = (
     "role", "chan", "devf", "devi", "st_t", "st_code", "bid", "bval", "levels", "params", "stats",
     "mv_last", "mv_mean", "mv_scale", "mv_cov", "mv_eig", "mv_dev", "mv_aux", "mv_lag",
-    "order_scratch", "call",
+    "order_scratch", "call", "level_cache",
     "ev_device", "ev_phase", "ev_t", "ev_score", "ev_mask",
 )  # fmt: skip
 # call: the last call's counts in ST_* order (ST_ACCEPTED .. ST_VALUE, read with one tolist), then
@@ -1583,6 +1588,7 @@ def new_core_state(
     mv_lag: np.ndarray,
     order_scratch: np.ndarray,
     call: np.ndarray,
+    level_cache: np.ndarray,
     ev_device: np.ndarray,
     ev_phase: np.ndarray,
     ev_t: np.ndarray,
@@ -1593,7 +1599,8 @@ def new_core_state(
     every process, ~0.8 s)."""
     return CoreState(
         role, chan, devf, devi, st_t, st_code, bid, bval, levels, params, stats, mv_last, mv_mean, mv_scale,
-        mv_cov, mv_eig, mv_dev, mv_aux, mv_lag, order_scratch, call, ev_device, ev_phase, ev_t, ev_score, ev_mask,
+        mv_cov, mv_eig, mv_dev, mv_aux, mv_lag, order_scratch, call, level_cache, ev_device, ev_phase, ev_t,
+        ev_score, ev_mask,
     )  # fmt: skip
 
 
@@ -1649,7 +1656,7 @@ def ingest_call(
     # every array borrowed (no reference counting in the loop): the state and this call's
     # arguments and event buffers outlive the call
     n_events = ingest_batch(
-        borrowed(device), borrowed(channel), borrowed(t_us), borrowed(values), n_devices,
+        borrowed(device), borrowed(channel), borrowed(t_us), borrowed(values),
         borrowed(state.role), borrowed(state.chan), borrowed(state.devf), borrowed(state.devi),
         borrowed(state.st_t), borrowed(state.st_code), borrowed(state.bid), borrowed(state.bval),
         borrowed(state.levels), borrowed(params), borrowed(stats),
@@ -1657,6 +1664,7 @@ def ingest_call(
         borrowed(tick_scores),
         borrowed(state.mv_last), borrowed(state.mv_mean), borrowed(state.mv_scale), borrowed(state.mv_cov),
         borrowed(state.mv_eig), borrowed(state.mv_dev), borrowed(state.mv_aux), borrowed(state.mv_lag),
+        borrowed(state.level_cache),
     )  # fmt: skip
     if n > kept:  # keep only the events of the large batch
         if n_events > kept:
