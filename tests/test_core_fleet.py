@@ -60,14 +60,15 @@ def test_capacity_grows_and_keeps_state() -> None:
 def test_rejections_are_counted_not_raised() -> None:
     core, d = _core()
     slot = core.channel_index(d, "chamber_temp")
+    assert core.capacity == 2 and len(core.devices) == 1  # device 1: within the capacity, not registered
     stats = core.ingest(
-        np.array([d, d, d, 7, d, d], dtype=np.int32),
-        np.array([slot, slot, slot, slot, 30, core.channel_index(d, "state")], dtype=np.int32),
-        np.array([T0, T0 + S, T0 + 2 * S, T0, T0, T0], dtype=np.int64),
-        np.array([170.0, np.nan, np.inf, 1.0, 1.0, 9.0]),
+        np.array([d, d, d, 7, d, d, 1], dtype=np.int32),
+        np.array([slot, slot, slot, slot, 30, core.channel_index(d, "state"), slot], dtype=np.int32),
+        np.array([T0, T0 + S, T0 + 2 * S, T0, T0, T0, T0], dtype=np.int64),
+        np.array([170.0, np.nan, np.inf, 1.0, 1.0, 9.0, 1.0]),
     )
-    assert (stats.accepted, stats.rejected_nonfinite, stats.rejected_index, stats.rejected_value) == (1, 2, 2, 1)
-    assert stats.total == 6
+    assert (stats.accepted, stats.rejected_nonfinite, stats.rejected_index, stats.rejected_value) == (1, 2, 3, 1)
+    assert stats.total == 7
     late = core.ingest(np.array([d]), np.array([slot]), np.array([T0 - S]), np.array([171.0]))
     assert late.late == 1 and late.accepted == 0
     with pytest.raises(CoreError, match="one length"):
