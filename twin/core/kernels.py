@@ -1048,6 +1048,12 @@ def attribute_interval(
     producing = state == PRODUCING_STATE
     busy = _PLANNED_BUSY[state] == 1
     for lv in range(levels.shape[0]):
+        if lvc[lv, LC_START] <= start_ms and end_ms <= lvc[lv, LC_END]:
+            # the whole interval inside the level's cached bucket (a device's consecutive state
+            # samples): what the loop below does for one bucket, without its look-ups and clamps
+            overlap = (end_ms - start_ms) * sign
+            credit_bucket(bid, bval, d, lvc[lv, LC_SLOT], lvc[lv, LC_BUCKET], overlap, busy, producing)
+            continue
         size = levels[lv, LV_BUCKET_MS]
         origin = levels[lv, LV_ORIGIN_MS]
         count = levels[lv, LV_COUNT]
@@ -1058,19 +1064,33 @@ def attribute_interval(
         for bucket in range(first, last + 1):
             lo = max(start_ms, origin + bucket * size)
             hi = min(end_ms, origin + (bucket + 1) * size)
-            overlap = (hi - lo) * sign
-            slot = slot_of(levels, lvc, lv, bucket)
-            if bid[d, slot] != bucket:
-                if bid[d, slot] > bucket:
-                    continue
-                bid[d, slot] = bucket
-                for f in range(bval.shape[2]):
-                    bval[d, slot, f] = 0
-            bval[d, slot, BV_KNOWN_MS] += overlap
-            if busy:
-                bval[d, slot, BV_BUSY_MS] += overlap
-            if producing:
-                bval[d, slot, BV_PRODUCING_MS] += overlap
+            credit_bucket(bid, bval, d, slot_of(levels, lvc, lv, bucket), bucket, (hi - lo) * sign, busy, producing)
+
+
+@njit(**NJIT_INLINE)
+def credit_bucket(
+    bid: np.ndarray,
+    bval: np.ndarray,
+    d: int,
+    slot: int,
+    bucket: int,
+    overlap: int,
+    busy: bool,
+    producing: bool,
+) -> None:
+    """Add ``overlap`` ms of a state to ``bucket`` (in ``slot`` of the ring); a slot holding an older
+    bucket is emptied first, a slot already holding a newer one ignores it (out of every window)."""
+    if bid[d, slot] != bucket:
+        if bid[d, slot] > bucket:
+            return
+        bid[d, slot] = bucket
+        for f in range(bval.shape[2]):
+            bval[d, slot, f] = 0
+    bval[d, slot, BV_KNOWN_MS] += overlap
+    if busy:
+        bval[d, slot, BV_BUSY_MS] += overlap
+    if producing:
+        bval[d, slot, BV_PRODUCING_MS] += overlap
 
 
 @njit(**NJIT_INLINE)
