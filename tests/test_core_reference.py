@@ -176,3 +176,24 @@ def test_oee_formulas_follow_iso_22400() -> None:
     assert k["utilization"] == pytest.approx(0.5)
     none = oee_from_totals(np.zeros(7), planned_cycle_s=math.nan, has_good=False)
     assert set(none.values()) == {None}
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    mean=st.floats(1e-6, 1e6),
+    var=st.floats(0.0, 1e6),
+    offset=st.floats(-1e-9, 1e-9) | st.floats(-0.5, 0.5),
+)
+def test_combined_score_matches_reference_at_the_z_zero_boundary(mean: float, var: float, offset: float) -> None:
+    """The kernel skips the cube root when the sum is clearly below the z = 0 point; the score must
+    be the reference's exactly, also for sums a hair either side of that point."""
+    from twin.core.kernels import combined_score
+    from twin.core.reference import combined
+
+    cfg = CoreConfig(warmup_samples=3)
+    params = FleetCore(max_devices=1, channels_per_device=1, config=cfg)._params
+    floor = 0.01 * mean
+    spread = 2.0 / (9.0 * (2.0 * mean * mean / (var + floor * floor + 1e-12)))
+    at_zero = mean * (1.0 - spread) ** 3 if spread < 1.0 else 0.0  # total where z = 0
+    total = max(0.0, at_zero * (1.0 + offset))
+    assert combined_score(total, mean, var, 10.0, params) == combined(total, mean, var, 10.0, cfg)
