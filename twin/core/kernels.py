@@ -1680,8 +1680,10 @@ def ingest_call(
         ev_t = np.empty(n, dtype=np.int64)
         ev_score = np.empty(n, dtype=np.float64)
         ev_mask = np.empty(n, dtype=np.int64)
-    # every array borrowed (no reference counting in the loop): the state and this call's
-    # arguments and event buffers outlive the call
+    # every array borrowed (no reference counting in the loop). Safe because each has an owner
+    # for the whole call: the batch arrays are this call's arguments, the state's arrays belong to
+    # `state` (an argument too: a FleetCore that grows meanwhile builds a new state and leaves this
+    # one whole), and the event buffers are held by `state` or by the locals used after the call.
     n_events = ingest_batch(
         borrowed(device), borrowed(channel), borrowed(t_us), borrowed(values),
         borrowed(state.role), borrowed(state.chan), borrowed(state.devf), borrowed(state.devi),
