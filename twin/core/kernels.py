@@ -998,6 +998,15 @@ def bucket_of(levels: np.ndarray, lvc: np.ndarray, lv: int, t_ms: int) -> int:
 
 
 @njit(**NJIT_INLINE)
+def bucket_of_passing(levels: np.ndarray, lvc: np.ndarray, lv: int, t_ms: int) -> int:
+    """:func:`bucket_of` for a look-up that should not replace the cached bucket (the start of a
+    state interval: an older bucket the next look-ups will not ask for again)."""
+    if lvc[lv, LC_START] <= t_ms < lvc[lv, LC_END]:
+        return lvc[lv, LC_BUCKET]
+    return (t_ms - levels[lv, LV_ORIGIN_MS]) // levels[lv, LV_BUCKET_MS]
+
+
+@njit(**NJIT_INLINE)
 def slot_of(levels: np.ndarray, lvc: np.ndarray, lv: int, bucket: int) -> int:
     """The slot of ``bucket`` in level ``lv``'s ring of the bucket axis."""
     if bucket == lvc[lv, LC_BUCKET]:
@@ -1064,14 +1073,21 @@ def attribute_interval(
         size = levels[lv, LV_BUCKET_MS]
         origin = levels[lv, LV_ORIGIN_MS]
         count = levels[lv, LV_COUNT]
-        first = bucket_of(levels, lvc, lv, start_ms)
+        # the end's bucket is the one the next samples ask for: it goes to the cache, the start's
+        # (a device's previous state point, often minutes back) does not push it out
+        first = bucket_of_passing(levels, lvc, lv, start_ms)
         last = bucket_of(levels, lvc, lv, end_ms - 1)
         # only the newest `count` buckets of the interval can still be in the ring
         first = max(first, last - count + 1)
+        slot = slot_of(levels, lvc, lv, first)
+        ring_end = levels[lv, LV_OFFSET] + count
         for bucket in range(first, last + 1):
             lo = max(start_ms, origin + bucket * size)
             hi = min(end_ms, origin + (bucket + 1) * size)
-            credit_bucket(bid, bval, d, slot_of(levels, lvc, lv, bucket), bucket, (hi - lo) * sign, busy, producing)
+            credit_bucket(bid, bval, d, slot, bucket, (hi - lo) * sign, busy, producing)
+            slot += 1  # the next bucket's slot, without a division
+            if slot == ring_end:
+                slot = levels[lv, LV_OFFSET]
 
 
 @njit(**NJIT_INLINE)
